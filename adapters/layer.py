@@ -1,0 +1,138 @@
+"""The multi-adapter LoRA layer and the device slots it reads.
+
+`SlotTable.attach(model)` wraps every targeted linear layer of the decoder (quantized or not:
+bitsandbytes `Linear4bit` / `Linear8bitLt` subclass `nn.Linear`) in a `LoRALinear`, and
+preallocates per module the stacked slot buffers A `[slots, r_max, in]` and B
+`[slots, out, r_max]`. The base layer's own forward (quantized kernel included) runs first,
+then the LoRA term is added for the tokens that have a slot; the token->slot mapping is set
+once per step (`set_batch`) and shared by all layers, so no forward signature changes.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from adapters.ops import LoRAPlan, apply_lora, make_plan
+from adapters.weights import AdapterWeights
+
+DECODER_LAYER_NAME = re.compile(r"(^|\.)layers\.\d+\.")
+
+
+@dataclass
+class LoRAContext:
+    """Per-step state shared by all LoRA layers of one model."""
+
+    plan: LoRAPlan | None = None
+
+
+class LoRALinear(nn.Module):
+    """y = base(x) + scale[s] · (x @ A[s]ᵀ) @ B[s]ᵀ for each token's slot s (-1 adds nothing)."""
+
+    def __init__(self, base: nn.Module, a: torch.Tensor, b: torch.Tensor, context: LoRAContext) -> None:
+        super().__init__()
+        self.base = base
+        self.context = context
+        # Plain attributes, not buffers: the slot table owns them and they never go to a state dict.
+        self.lora_a = a  # [slots, r_max, in]
+        self.lora_b = b  # [slots, out, r_max]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)
+        plan = self.context.plan
+        if plan is None or plan.empty:
+            return y
+        if y.dtype != self.lora_a.dtype:
+            y = y.to(self.lora_a.dtype)
+        y = y.contiguous()
+        y2 = y.view(-1, y.shape[-1])  # [T, out]
+        x2 = x.reshape(-1, x.shape[-1]).to(self.lora_a.dtype)  # [T, in]
+        apply_lora(y2, x2, self.lora_a, self.lora_b, plan)
+        return y
+
+
+def find_lora_targets(model: nn.Module, leaves: list[str] | None = None) -> dict[str, nn.Linear]:
+    """Linear layers inside decoder layers (model.layers.N...), optionally only these leaf names."""
+    found = {}
+    for name, module in model.named_modules():
+        wanted = leaves is None or name.rsplit(".", 1)[-1] in leaves
+        if isinstance(module, nn.Linear) and DECODER_LAYER_NAME.search(name) and wanted:
+            found[name] = module
+    return found
+
+
+@dataclass
+class SlotTable:
+    """Device slots: per wrapped module, stacked A/B buffers; slot i holds one adapter."""
+
+    num_slots: int
+    max_rank: int
+    dtype: torch.dtype
+    device: torch.device
+    layers: dict[str, LoRALinear] = field(default_factory=dict)
+    shapes: dict[str, tuple[int, int]] = field(default_factory=dict)  # name -> (in, out)
+    rank_of_slot: list[int] = field(default_factory=list)
+    context: LoRAContext = field(default_factory=LoRAContext)
+
+    @classmethod
+    def attach(
+        cls,
+        model: nn.Module,
+        num_slots: int,
+        max_rank: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        leaves: list[str] | None = None,
+    ) -> SlotTable:
+        """Wraps the target layers of `model` in place and allocates the slot buffers."""
+        table = cls(num_slots, max_rank, dtype, device, rank_of_slot=[0] * num_slots)
+        targets = find_lora_targets(model, leaves)
+        if not targets:
+            raise ValueError("no linear layers to adapt were found in the model's decoder layers")
+        for name, linear in targets.items():
+            a = torch.zeros(num_slots, max_rank, linear.in_features, dtype=dtype, device=device)
+            b = torch.zeros(num_slots, linear.out_features, max_rank, dtype=dtype, device=device)
+            wrapper = LoRALinear(linear, a, b, table.context)
+            parent_name, _, leaf = name.rpartition(".")
+            setattr(model.get_submodule(parent_name), leaf, wrapper)
+            table.layers[name] = wrapper
+            table.shapes[name] = (linear.in_features, linear.out_features)
+        return table
+
+    @property
+    def target_leaves(self) -> list[str]:
+        return sorted({name.rsplit(".", 1)[-1] for name in self.layers})
+
+    @property
+    def bytes_per_slot(self) -> int:
+        element = torch.tensor([], dtype=self.dtype).element_size()
+        return sum(self.max_rank * (i + o) for i, o in self.shapes.values()) * element
+
+    def set_slot(self, slot: int, weights: AdapterWeights) -> None:
+        """Copies an adapter into a slot; modules it does not adapt are zero (add nothing)."""
+        self.clear_slot(slot)
+        for name, module in weights.modules.items():
+            layer = self.layers[name]
+            r = module.rank
+            layer.lora_a[slot, :r].copy_(module.a, non_blocking=True)
+            layer.lora_b[slot, :, :r].copy_(module.b, non_blocking=True)
+        self.rank_of_slot[slot] = weights.max_rank
+
+    def clear_slot(self, slot: int) -> None:
+        for layer in self.layers.values():
+            layer.lora_a[slot].zero_()
+            layer.lora_b[slot].zero_()
+        self.rank_of_slot[slot] = 0
+
+    def set_batch(self, slot_of_token: list[int]) -> None:
+        """Sets the token->slot mapping of the coming forward pass (once per step)."""
+        if all(s < 0 for s in slot_of_token):
+            self.context.plan = None
+        else:
+            self.context.plan = make_plan(slot_of_token, self.rank_of_slot, self.device)
+
+    def clear_batch(self) -> None:
+        self.context.plan = None

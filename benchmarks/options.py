@@ -1,0 +1,66 @@
+"""Flags of `loraserve bench` / `python -m benchmarks.run` (no torch import)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+SYSTEMS = ("engine", "engine-base", "peft-batch", "peft-serial", "bare-loop")
+SCENARIOS = ("custom", "decode-distinct", "poisson", "overhead", "adapter-load", "sweep", "all")
+
+
+def length_range(text: str) -> tuple[int, int]:
+    low, _, high = text.partition(":")
+    lo, hi = int(low), int(high or low)
+    if lo < 1 or hi < lo:
+        raise argparse.ArgumentTypeError(f"expected LOW:HIGH with 1 <= LOW <= HIGH, got {text!r}")
+    return lo, hi
+
+
+def add_bench_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--scenario",
+        choices=SCENARIOS,
+        default="custom",
+        help="a preset from the engine and adapter issues, or custom (the flags below)",
+    )
+    parser.add_argument(
+        "--model-size",
+        choices=["bench", "tiny"],
+        default="bench",
+        help="bench: the DESIGN.md bench model; tiny: a toy model for smoke tests",
+    )
+    parser.add_argument(
+        "--work-dir",
+        type=Path,
+        default=None,
+        help="where the model and adapters are built/reused (default: cache dir)",
+    )
+    parser.add_argument("--adapters", type=int, default=8, help="number of synthetic adapters N")
+    parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--target-modules", default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj")
+    parser.add_argument("--slots", type=int, default=0, help="device slots (0: min(adapters, 32))")
+    parser.add_argument("--workload", choices=["closed", "poisson"], default="closed")
+    parser.add_argument("--concurrency", type=int, default=8, help="closed loop: concurrent clients")
+    parser.add_argument("--rate", type=float, default=4.0, help="poisson: arrivals per second")
+    parser.add_argument("--requests", type=int, default=32, help="requests per system")
+    parser.add_argument("--popularity", choices=["uniform", "powerlaw", "distinct"], default="powerlaw")
+    parser.add_argument("--alpha", type=float, default=1.0, help="power-law exponent of adapter popularity")
+    parser.add_argument("--prompt-len", type=length_range, default=(16, 64), help="LOW:HIGH tokens")
+    parser.add_argument("--output-len", type=length_range, default=(16, 64), help="LOW:HIGH tokens")
+    parser.add_argument(
+        "--systems",
+        default="engine,engine-base,peft-batch",
+        help=f"comma-separated, from {', '.join(SYSTEMS)}",
+    )
+    parser.add_argument("--target", default=None, help="also drive a running server over gRPC at HOST:PORT")
+    parser.add_argument("--sweep", default="1,8,32,128", help="adapter counts for --scenario sweep")
+    parser.add_argument("--quantization", choices=["nf4", "fp4", "int8", "none"], default="nf4")
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    parser.add_argument("--max-num-batched-tokens", type=int, default=512)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--out", type=Path, default=Path("bench-results/report.json"), help="JSON report path"
+    )
+    parser.add_argument("--plot", action="store_true", help="also write PNG charts next to the report")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")

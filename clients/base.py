@@ -1,0 +1,128 @@
+"""What the sync and asyncio clients share: options, credentials, metadata, request building."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from clients.api import loraserve_pb2 as pb2
+from clients.types import Message, request_fields, to_messages
+
+DEFAULT_TARGET = "127.0.0.1:50051"
+CHANNEL_OPTIONS = [
+    ("grpc.keepalive_time_ms", 30_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.max_receive_message_length", 16 * 1024 * 1024),
+    ("grpc.max_send_message_length", 16 * 1024 * 1024),
+]
+
+
+def _read(value: str | bytes | Path | None) -> bytes | None:
+    if value is None:
+        return None
+    if isinstance(value, bytes):
+        return value
+    return Path(value).expanduser().read_bytes()
+
+
+@dataclass
+class ClientOptions:
+    """Connection options of Client and AsyncClient.
+
+    tls: use TLS (implied by ca_cert or client_cert); ca_cert: PEM of the CA that signed the
+    server certificate (system roots when None); client_cert/client_key: PEM pair for mTLS;
+    server_name: expected name in the server certificate when it differs from the target host.
+    retries: extra attempts on UNAVAILABLE only, with exponential backoff from `backoff` s.
+    ray_serve: send the adapter id as Ray Serve's multiplexed model id (and the application
+    name), so Ray routes each request to a replica that holds its adapter.
+    """
+
+    target: str = DEFAULT_TARGET
+    api_key: str | None = None
+    tls: bool = False
+    ca_cert: str | bytes | Path | None = None
+    client_cert: str | bytes | Path | None = None
+    client_key: str | bytes | Path | None = None
+    server_name: str | None = None
+    timeout: float | None = 120.0
+    retries: int = 3
+    backoff: float = 0.25
+    max_backoff: float = 5.0
+    ray_serve: bool = False
+    ray_application: str = "loraserve"
+    metadata: list[tuple[str, str]] = field(default_factory=list)
+
+    @property
+    def secure(self) -> bool:
+        return self.tls or self.ca_cert is not None or self.client_cert is not None
+
+    def credentials(self) -> grpc.ChannelCredentials:
+        if (self.client_cert is None) != (self.client_key is None):
+            raise ValueError("client_cert and client_key must be given together (mTLS)")
+        return grpc.ssl_channel_credentials(
+            root_certificates=_read(self.ca_cert),
+            private_key=_read(self.client_key),
+            certificate_chain=_read(self.client_cert),
+        )
+
+    def channel_options(self) -> list[tuple[str, Any]]:
+        options = list(CHANNEL_OPTIONS)
+        if self.server_name:
+            options.append(("grpc.ssl_target_name_override", self.server_name))
+        return options
+
+    def call_metadata(self, adapter: str | None = None) -> list[tuple[str, str]]:
+        metadata = list(self.metadata)
+        if self.api_key:
+            metadata.append(("authorization", f"Bearer {self.api_key}"))
+        if self.ray_serve:
+            metadata.append(("application", self.ray_application))
+            if adapter is not None:
+                metadata.append(("multiplexed_model_id", adapter or "__base__"))
+        return metadata
+
+    def delay(self, attempt: int) -> float:
+        """Backoff before retry number `attempt` (0-based), with full jitter."""
+        return random.uniform(0, min(self.max_backoff, self.backoff * 2**attempt))
+
+
+def generate_request(prompt: str, adapter: str, **kwargs: Any) -> pb2.GenerateRequest:
+    return pb2.GenerateRequest(prompt=prompt, **request_fields(adapter, **kwargs))
+
+
+def chat_request(messages: list[Message], adapter: str, **kwargs: Any) -> pb2.ChatRequest:
+    return pb2.ChatRequest(messages=to_messages(messages), **request_fields(adapter, **kwargs))
+
+
+def tokenize_request(prompt: str | None, messages: list[Message] | None) -> pb2.TokenizeRequest:
+    return pb2.TokenizeRequest(prompt=prompt or "", messages=to_messages(messages or []))
+
+
+def sampling_kwargs(
+    max_new_tokens: int = 0,
+    temperature: float = 0.0,
+    top_k: int = 0,
+    top_p: float | None = None,
+    seed: int | None = None,
+    repetition_penalty: float | None = None,
+    stop: list[str] | None = None,
+    ignore_eos: bool = False,
+    max_time_seconds: float = 0.0,
+) -> dict[str, Any]:
+    """Normalises the generation keyword arguments every generate/chat method takes."""
+    return {
+        "max_new_tokens": max_new_tokens,
+        "temperature": temperature,
+        "top_k": top_k,
+        "top_p": top_p,
+        "seed": seed,
+        "repetition_penalty": repetition_penalty,
+        "stop": stop,
+        "ignore_eos": ignore_eos,
+        "max_time_seconds": max_time_seconds,
+    }

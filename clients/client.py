@@ -1,0 +1,172 @@
+"""The synchronous Python client.
+
+from clients import Client
+with Client("127.0.0.1:50051") as client:
+    print(client.generate("Translate: bom dia", adapter="pt-en").text)
+    for chunk in client.generate_stream("Hello", max_new_tokens=32):
+        print(chunk.text, end="", flush=True)
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from clients.api import loraserve_pb2 as pb2
+from clients.api import loraserve_pb2_grpc as pb2_grpc
+from clients.base import ClientOptions, chat_request, generate_request, sampling_kwargs, tokenize_request
+from clients.errors import from_rpc_error
+from clients.types import AdapterInfo, Generation, LoadResult, Message, ModelInfo, StreamChunk, Tokens
+
+HEALTH_STATES = {v: k for k, v in health_pb2.HealthCheckResponse.ServingStatus.items()}
+
+
+class Client:
+    """Blocking client of one loraserve server. Keyword options: see ClientOptions."""
+
+    def __init__(self, target: str | None = None, **options: Any) -> None:
+        self.options = ClientOptions(**({"target": target} if target else {}), **options)
+        opts = self.options
+        if opts.secure:
+            self._channel = grpc.secure_channel(
+                opts.target, opts.credentials(), options=opts.channel_options()
+            )
+        else:
+            self._channel = grpc.insecure_channel(opts.target, options=opts.channel_options())
+        self._inference = pb2_grpc.InferenceStub(self._channel)
+        self._admin = pb2_grpc.AdapterAdminStub(self._channel)
+        self._health = health_pb2_grpc.HealthStub(self._channel)
+
+    # ------------------------------------------------------------------ plumbing
+    def _unary(
+        self, method: Callable, request: Any, timeout: float | None, adapter: str | None = None
+    ) -> Any:
+        attempt = 0
+        while True:
+            try:
+                return method(
+                    request,
+                    timeout=timeout or self.options.timeout,
+                    metadata=self.options.call_metadata(adapter),
+                )
+            except grpc.RpcError as error:
+                if error.code() == grpc.StatusCode.UNAVAILABLE and attempt < self.options.retries:
+                    time.sleep(self.options.delay(attempt))
+                    attempt += 1
+                    continue
+                raise from_rpc_error(error) from None
+
+    def _stream(
+        self, method: Callable, request: Any, timeout: float | None, adapter: str
+    ) -> Iterator[StreamChunk]:
+        attempt = 0
+        while True:
+            call = method(
+                request, timeout=timeout or self.options.timeout, metadata=self.options.call_metadata(adapter)
+            )
+            received = False
+            try:
+                for message in call:
+                    received = True
+                    yield StreamChunk.from_pb(message)
+                return
+            except grpc.RpcError as error:
+                if (
+                    error.code() == grpc.StatusCode.UNAVAILABLE
+                    and not received
+                    and attempt < self.options.retries
+                ):
+                    time.sleep(self.options.delay(attempt))
+                    attempt += 1
+                    continue
+                raise from_rpc_error(error) from None
+            finally:
+                call.cancel()  # no-op when finished; stops the server's work when the caller breaks out
+
+    # ------------------------------------------------------------------ inference
+    def generate(
+        self, prompt: str, adapter: str = "", *, timeout: float | None = None, **kwargs: Any
+    ) -> Generation:
+        """Completes `prompt` with the adapter ('' = base model). kwargs: max_new_tokens, temperature,
+        top_k, top_p, seed, repetition_penalty, stop, ignore_eos, max_time_seconds."""
+        request = generate_request(prompt, adapter, **sampling_kwargs(**kwargs))
+        return Generation.from_pb(self._unary(self._inference.Generate, request, timeout, adapter))
+
+    def generate_stream(
+        self, prompt: str, adapter: str = "", *, timeout: float | None = None, **kwargs: Any
+    ) -> Iterator[StreamChunk]:
+        """Yields text deltas as they are generated; the last chunk has finish_reason and usage."""
+        request = generate_request(prompt, adapter, **sampling_kwargs(**kwargs))
+        return self._stream(self._inference.GenerateStream, request, timeout, adapter)
+
+    def chat(
+        self, messages: list[Message], adapter: str = "", *, timeout: float | None = None, **kwargs: Any
+    ) -> Generation:
+        """The assistant's next turn; messages are {"role", "content"} dicts or (role, content) pairs."""
+        request = chat_request(messages, adapter, **sampling_kwargs(**kwargs))
+        return Generation.from_pb(self._unary(self._inference.Chat, request, timeout, adapter))
+
+    def chat_stream(
+        self, messages: list[Message], adapter: str = "", *, timeout: float | None = None, **kwargs: Any
+    ) -> Iterator[StreamChunk]:
+        request = chat_request(messages, adapter, **sampling_kwargs(**kwargs))
+        return self._stream(self._inference.ChatStream, request, timeout, adapter)
+
+    def tokenize(self, prompt: str | None = None, messages: list[Message] | None = None) -> Tokens:
+        response = self._unary(self._inference.Tokenize, tokenize_request(prompt, messages), None)
+        return Tokens(list(response.token_ids), list(response.tokens))
+
+    def model_info(self) -> ModelInfo:
+        return ModelInfo.from_pb(self._unary(self._inference.ModelInfo, pb2.ModelInfoRequest(), None))
+
+    # ------------------------------------------------------------------ admin
+    def load_adapter(self, adapter_id: str, pin: bool = False, *, timeout: float | None = None) -> LoadResult:
+        response = self._unary(
+            self._admin.LoadAdapter, pb2.LoadAdapterRequest(adapter_id=adapter_id, pin=pin), timeout
+        )
+        return LoadResult(AdapterInfo.from_pb(response.adapter), response.reloaded, response.load_seconds)
+
+    def unload_adapter(self, adapter_id: str) -> AdapterInfo:
+        response = self._unary(
+            self._admin.UnloadAdapter, pb2.UnloadAdapterRequest(adapter_id=adapter_id), None
+        )
+        return AdapterInfo.from_pb(response.adapter)
+
+    def list_adapters(self, include_disk: bool = False) -> list[AdapterInfo]:
+        response = self._unary(
+            self._admin.ListAdapters, pb2.ListAdaptersRequest(include_disk=include_disk), None
+        )
+        return [AdapterInfo.from_pb(a) for a in response.adapters]
+
+    # ------------------------------------------------------------------ health
+    def health(self, service: str = "", timeout: float | None = 5.0) -> str:
+        """SERVING, NOT_SERVING, ... of the server (or one of its services)."""
+        response = self._unary(self._health.Check, health_pb2.HealthCheckRequest(service=service), timeout)
+        return HEALTH_STATES[response.status]
+
+    def wait_until_serving(self, timeout: float = 60.0, interval: float = 0.2) -> None:
+        """Polls health until SERVING; raises TimeoutError with the last state otherwise."""
+        deadline = time.monotonic() + timeout
+        state = "unreachable"
+        while time.monotonic() < deadline:
+            try:
+                state = self.health(timeout=min(5.0, max(0.1, deadline - time.monotonic())))
+                if state == "SERVING":
+                    return
+            except Exception as error:  # noqa: BLE001 - not up yet
+                state = str(error)
+            time.sleep(interval)
+        raise TimeoutError(f"server at {self.options.target} not SERVING after {timeout:g} s ({state})")
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,218 @@
+"""The server process: bind, load the model, warm up, serve, drain on SIGTERM/SIGINT.
+
+The gRPC port opens first with health NOT_SERVING (inference calls get UNAVAILABLE), so
+orchestrators can watch start-up; health turns SERVING once the model is loaded and one
+generation ran through the engine. On SIGTERM/SIGINT the server stops taking new requests
+(UNAVAILABLE, health NOT_SERVING), lets in-flight ones finish within `drain_seconds`, then
+exits 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from server.auth import KeyRing
+from server.config import ConfigError, ServerConfig, is_loopback
+from server.engine.engine import Engine, EngineConfig
+from server.engine.sequence import GenerationRequest, StoppingCriteria
+from server.handlers import Gate, service_handler
+from server.metrics import Metrics
+from server.model_loader import LoadedModel, load_base_model
+from server.service import AdapterAdminService, InferenceService
+from server.validation import Limits
+
+log = logging.getLogger(__name__)
+SERVICES = ("loraserve.v1.Inference", "loraserve.v1.AdapterAdmin")
+# Tolerate clients that ping every 30 s even without calls in flight.
+GRPC_OPTIONS = [
+    ("grpc.keepalive_time_ms", 60_000),
+    ("grpc.keepalive_timeout_ms", 20_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
+    ("grpc.http2.max_ping_strikes", 0),
+    ("grpc.max_receive_message_length", 16 * 1024 * 1024),
+    ("grpc.max_send_message_length", 16 * 1024 * 1024),
+]
+
+
+def server_credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
+    if config.tls_cert_file is None:
+        return None
+    key = Path(config.tls_key_file).read_bytes()
+    cert = Path(config.tls_cert_file).read_bytes()
+    client_ca = Path(config.tls_client_ca_file).read_bytes() if config.tls_client_ca_file else None
+    return grpc.ssl_server_credentials(
+        [(key, cert)], root_certificates=client_ca, require_client_auth=client_ca is not None
+    )
+
+
+def resolve_model(config: ServerConfig) -> ServerConfig:
+    """With no --model, serve the demo (built on first use) and its adapter store."""
+    if config.model is not None:
+        return config
+    from server.demo.build import ensure_demo
+
+    log.info("no --model given: serving the demo model (building it on first use)")
+    demo = ensure_demo()
+    return config.model_copy(
+        update={"model": str(demo.model_dir), "adapters_dir": config.adapters_dir or demo.adapters_dir}
+    )
+
+
+def warm_up(engine: Engine, loaded: LoadedModel) -> None:
+    """Runs one short generation through the engine (first-call costs happen here)."""
+    done = threading.Event()
+    ids = loaded.tokenizer("Hello")["input_ids"] or [loaded.tokenizer.eos_token_id or 0]
+    request = GenerationRequest("warmup", ids, stopping=StoppingCriteria(max_new_tokens=2, ignore_eos=True))
+    engine.submit(request, lambda out: done.set() if out.done else None)
+    if not done.wait(300):
+        raise RuntimeError("warm-up generation did not finish within 300 s")
+
+
+class LoraServer:
+    """One loraserve process's gRPC server around one engine."""
+
+    def __init__(self, config: ServerConfig, metrics: Metrics | None = None) -> None:
+        self.config = config
+        self.metrics = metrics or Metrics(config.metrics_max_adapter_labels)
+        keyring = KeyRing.from_file(config.api_keys_file) if config.api_keys_file else None
+        self.gate = Gate(keyring, self.metrics)
+        self.health = health.aio.HealthServicer()
+        self.inference: InferenceService | None = None
+        self.admin: AdapterAdminService | None = None
+        self.server: grpc.aio.Server | None = None
+        self.engine: Engine | None = None
+        self.loaded: LoadedModel | None = None
+        self.port = 0
+        self.metrics_server: Any = None
+        self.ready = asyncio.Event()
+        self.failed: BaseException | None = None
+        self._loader: asyncio.Task | None = None
+
+    async def _set_health(self, status: int) -> None:
+        for name in ("", *SERVICES):
+            await self.health.set(name, status)
+
+    async def start(self) -> int:
+        """Binds the port and starts loading the model in the background; returns the port."""
+        config = self.config
+        self.server = grpc.aio.server(options=GRPC_OPTIONS)
+        self.server.add_generic_rpc_handlers(
+            (
+                service_handler("Inference", lambda: self.inference, self.gate),
+                service_handler("AdapterAdmin", lambda: self.admin, self.gate, admin=True),
+            )
+        )
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        reflection.enable_server_reflection(
+            (*SERVICES, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server
+        )
+        address = f"{config.host}:{config.port}"
+        credentials = server_credentials(config)
+        try:
+            if credentials is None:
+                self.port = self.server.add_insecure_port(address)
+            else:
+                self.port = self.server.add_secure_port(address, credentials)
+        except RuntimeError as error:
+            raise ConfigError(f"--port: cannot bind {address}: {error}") from None
+        await self.server.start()
+        if config.api_keys_file is None:
+            where = (
+                "loopback only" if is_loopback(config.host) else "ALL callers (allow_unauthenticated_remote)"
+            )
+            log.warning("no API keys configured: authentication is off; reachable from %s", where)
+        log.info(
+            "gRPC listening on %s:%d (%s)",
+            config.host,
+            self.port,
+            "mTLS" if config.tls_client_ca_file else "TLS" if credentials else "plaintext",
+        )
+        if config.metrics_port:
+            self.metrics_server = self.metrics.serve(config.metrics_host, config.metrics_port)
+            log.info("metrics on http://%s:%d/metrics", config.metrics_host, config.metrics_port)
+        self._loader = asyncio.create_task(self._load())
+        return self.port
+
+    async def _load(self) -> None:
+        try:
+            config = await asyncio.to_thread(resolve_model, self.config)
+            self.config = config
+            started = time.perf_counter()
+            loaded = await asyncio.to_thread(
+                load_base_model,
+                config.model,
+                config.quantization,
+                config.device,
+                config.compute_dtype,
+                config.double_quant,
+                config.max_context_length,
+            )
+            engine = await asyncio.to_thread(
+                Engine, loaded, EngineConfig.from_server_config(config), self.metrics
+            )
+            engine.start()
+            if config.warmup:
+                await asyncio.to_thread(warm_up, engine, loaded)
+            self.loaded, self.engine = loaded, engine
+            limits = Limits.from_config(config, loaded.max_context_length)
+            self.inference = InferenceService(loaded, engine, limits, self.metrics, config)
+            self.admin = AdapterAdminService(engine)
+            self.gate.phase = "serving"
+            await self._set_health(health_pb2.HealthCheckResponse.SERVING)
+            log.info("ready in %.1f s: serving %s", time.perf_counter() - started, config.model)
+        except BaseException as error:  # noqa: BLE001 - reported by run()
+            self.failed = error
+            log.error("start-up failed: %s", error)
+        finally:
+            self.ready.set()
+
+    async def drain(self, grace: float | None = None) -> None:
+        """Refuses new calls, waits for in-flight requests (up to `grace` s), then stops."""
+        grace = self.config.drain_seconds if grace is None else grace
+        self.gate.phase = "draining"
+        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        if self._loader is not None and not self._loader.done():
+            self._loader.cancel()
+        deadline = time.monotonic() + grace
+        while self.engine is not None and self.engine.in_flight > 0 and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        if self.engine is not None and self.engine.in_flight:
+            log.warning("drain period over: %d requests still in flight are cut", self.engine.in_flight)
+        if self.server is not None:
+            await self.server.stop(grace=1.0)
+        if self.engine is not None:
+            await asyncio.to_thread(self.engine.shutdown)
+        if self.metrics_server is not None:
+            self.metrics_server.shutdown()
+
+    async def run(self) -> int:
+        """Serves until SIGTERM/SIGINT; returns the exit code."""
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await self.start()
+        waiter = asyncio.create_task(stop.wait())
+        await asyncio.wait(
+            [waiter, asyncio.create_task(self.ready.wait())], return_when=asyncio.FIRST_COMPLETED
+        )
+        if self.failed is not None and not stop.is_set():
+            await self.drain(0)
+            raise self.failed if isinstance(self.failed, ConfigError) else RuntimeError(str(self.failed))
+        await waiter
+        log.info("signal received: draining (up to %.0f s)", self.config.drain_seconds)
+        await self.drain()
+        log.info("stopped")
+        return 0

@@ -1,0 +1,159 @@
+"""`loraserve`: the console script.
+
+Server side: serve, demo, train, bench, keygen (torch imported only when they run).
+Client side (clients.cli, no torch): generate, chat, adapters list|load|unload, health, info,
+tokenize. Every `serve` flag comes from a ServerConfig field and is also an environment
+variable LORASERVE_<NAME>. Errors are one line on stderr and a non-zero exit code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import types
+import typing
+from typing import Any
+
+from clients.cli import add_client_commands
+from clients.errors import LoraserveError
+from server.config import ConfigError, ServerConfig, load_config
+
+
+def _is_bool(annotation: Any) -> bool:
+    return annotation is bool
+
+
+def _metavar(annotation: Any) -> str:
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if typing.get_origin(annotation) is typing.Literal:
+        return "{" + ",".join(map(str, typing.get_args(annotation))) + "}"
+    if args and typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return _metavar(args[0])
+    return {int: "N", float: "X", str: "TEXT"}.get(annotation, "VALUE")
+
+
+def add_config_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per ServerConfig field; unset flags fall back to LORASERVE_* env vars, then defaults."""
+    for name, field in ServerConfig.model_fields.items():
+        flag = "--" + name.replace("_", "-")
+        help_text = f"{field.description} (env LORASERVE_{name.upper()})"
+        if _is_bool(field.annotation):
+            parser.add_argument(
+                flag,
+                dest=name,
+                action=argparse.BooleanOptionalAction,
+                default=argparse.SUPPRESS,
+                help=help_text,
+            )
+        else:
+            parser.add_argument(
+                flag, dest=name, default=argparse.SUPPRESS, metavar=_metavar(field.annotation), help=help_text
+            )
+
+
+def config_from_args(args: argparse.Namespace) -> ServerConfig:
+    given = {name: getattr(args, name) for name in ServerConfig.model_fields if hasattr(args, name)}
+    return load_config(**given)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    config = config_from_args(args)
+    import asyncio
+
+    from server.app import LoraServer
+    from server.logs import setup_logging
+
+    setup_logging(config.log_level, config.log_format)
+    return asyncio.run(LoraServer(config).run())
+
+
+def cmd_keygen(args: argparse.Namespace) -> int:
+    from server.auth import key_entry_toml, new_key
+
+    key = new_key()
+    print(
+        f"# API key for tenant {args.tenant} (shown once; give it to the client):\n# {key}\n", file=sys.stderr
+    )
+    print(key_entry_toml(key, args.tenant, args.adapters or ["*"], args.admin, args.name))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from server.demo.build import build_demo_cli
+
+    return build_demo_cli(args)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from adapters.training import train_cli
+
+    return train_cli(args)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from benchmarks.run import bench_cli
+
+    return bench_cli(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="loraserve", description="Multi-tenant LoRA inference server.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = commands.add_parser(
+        "serve", help="run the gRPC server", formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    add_config_flags(p)
+    p.set_defaults(func=cmd_serve)
+
+    p = commands.add_parser("demo", help="build the demo model and adapters (cached)")
+    from server.demo.options import add_demo_flags
+
+    add_demo_flags(p)
+    p.set_defaults(func=cmd_demo)
+
+    p = commands.add_parser("train", help="QLoRA-train one adapter into an adapter store")
+    from adapters.training_options import add_train_flags
+
+    add_train_flags(p)
+    p.set_defaults(func=cmd_train)
+
+    p = commands.add_parser("bench", help="benchmark the engine against its peers")
+    from benchmarks.options import add_bench_flags
+
+    add_bench_flags(p)
+    p.set_defaults(func=cmd_bench)
+
+    p = commands.add_parser("keygen", help="make an API key and print its [[keys]] entry")
+    p.add_argument("--tenant", required=True)
+    p.add_argument("--adapters", action="append", help="glob pattern of allowed adapter ids (repeatable)")
+    p.add_argument("--admin", action="store_true", help="allow AdapterAdmin calls")
+    p.add_argument("--name", default="")
+    p.set_defaults(func=cmd_keygen)
+
+    add_client_commands(commands)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ConfigError as error:
+        print(f"loraserve: error: {error}", file=sys.stderr)
+        return 2
+    except LoraserveError as error:
+        print(f"loraserve: {error}", file=sys.stderr)
+        return 1
+    except (ValueError, OSError) as error:
+        print(f"loraserve: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    except Exception as error:  # noqa: BLE001 - one line, never a traceback
+        print(f"loraserve: unexpected error: {type(error).__name__}: {error}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,212 @@
+"""The server's configuration: one pydantic-settings model, validated once at start.
+
+Every field is a `loraserve serve --<name>` flag (underscores become dashes) and an
+environment variable `LORASERVE_<NAME>`; flags win over the environment, which wins over
+the defaults. Inner code receives this object (or plain values from it) and never reads
+the environment itself.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+Quantization = Literal["nf4", "fp4", "int8", "none"]
+DeviceName = Literal["auto", "cpu", "cuda"]
+ComputeDtype = Literal["auto", "float32", "bfloat16", "float16"]
+
+
+class ConfigError(ValueError):
+    """A configuration value is wrong; the message is one line naming the option."""
+
+
+class ServerConfig(BaseSettings):
+    """Everything `loraserve serve` can be told. Field descriptions are the flags' help."""
+
+    model_config = SettingsConfigDict(env_prefix="LORASERVE_", extra="forbid", validate_default=True)
+
+    # --- model ---------------------------------------------------------------------------
+    model: str | None = Field(
+        None,
+        description="Base model: a local Hugging Face model directory (or a hub id where a network "
+        "exists). Unset: the demo model built by `loraserve demo` (built on first use).",
+    )
+    adapters_dir: Path | None = Field(
+        None, description="Adapter store: a directory of PEFT adapter folders (`name` or `org/name`)."
+    )
+    quantization: Quantization = Field("nf4", description="Base weight format: nf4, fp4, int8 or none.")
+    double_quant: bool = Field(True, description="Use bitsandbytes double quantization for nf4/fp4.")
+    device: DeviceName = Field("auto", description="auto (cuda when available, else cpu), cpu or cuda.")
+    compute_dtype: ComputeDtype = Field(
+        "auto",
+        description="Activation dtype: float32, bfloat16 or float16 (auto: float32 on CPU, "
+        "bfloat16 on CUDA).",
+    )
+    max_context_length: int | None = Field(
+        None, ge=16, description="Longest prompt + output in tokens (default: the model's own limit)."
+    )
+
+    # --- adapters --------------------------------------------------------------------------
+    max_loaded_adapters: int = Field(
+        8, ge=1, le=4096, description="Device slots: adapters on device at once."
+    )
+    max_lora_rank: int = Field(16, ge=1, le=1024, description="Highest adapter rank accepted.")
+    max_host_adapter_bytes: int = Field(
+        2 * 1024**3, ge=0, description="Host-memory budget for adapters not in a device slot (LRU)."
+    )
+    lora_target_modules: list[str] | None = Field(
+        None,
+        description="Base modules adapters may target (comma-separated leaf names). Default: every "
+        "linear layer of the decoder layers.",
+    )
+    adapter_load_workers: int = Field(2, ge=1, le=32, description="Threads reading adapters from disk.")
+
+    # --- engine ----------------------------------------------------------------------------
+    block_size: int = Field(16, ge=1, le=1024, description="Tokens per KV-cache block.")
+    kv_cache_bytes: int = Field(
+        0, ge=0, description="KV-cache pool size in bytes; 0 sizes it from kv_cache_memory_fraction."
+    )
+    kv_cache_memory_fraction: float = Field(
+        0.3, gt=0, le=0.95, description="Share of free device memory for the KV cache when kv_cache_bytes=0."
+    )
+    max_num_seqs: int = Field(64, ge=1, le=4096, description="Most requests running in one step.")
+    max_num_batched_tokens: int = Field(
+        512, ge=16, description="Token budget of one step (prefill chunks + decode tokens)."
+    )
+    tenant_weights: dict[str, float] = Field(
+        default_factory=dict, description='Fair-share weights per tenant, as JSON: {"acme": 2.0}.'
+    )
+
+    # --- request limits --------------------------------------------------------------------
+    default_max_new_tokens: int = Field(256, ge=1, description="max_new_tokens when a request sets 0.")
+    max_prompt_tokens: int | None = Field(
+        None, ge=1, description="Longest prompt in tokens (default: context)."
+    )
+    max_prompt_chars: int = Field(200_000, ge=1, description="Longest prompt or message in characters.")
+    max_messages: int = Field(256, ge=1, description="Most chat messages in one request.")
+    max_stop_sequences: int = Field(16, ge=0, description="Most stop sequences in one request.")
+    max_stop_sequence_chars: int = Field(256, ge=1, description="Longest stop sequence in characters.")
+    max_request_seconds: float = Field(600.0, gt=0, description="Time limit of one request.")
+    max_queue_size: int = Field(
+        1024, ge=1, description="Most requests waiting overall; more get RESOURCE_EXHAUSTED."
+    )
+    max_queue_per_tenant: int = Field(256, ge=1, description="Most requests waiting or running per tenant.")
+
+    # --- network -----------------------------------------------------------------------------
+    host: str = Field("127.0.0.1", description="Address the gRPC server binds to.")
+    port: int = Field(50051, ge=0, le=65535, description="gRPC port (0 picks a free one).")
+    metrics_host: str = Field("127.0.0.1", description="Address of the Prometheus /metrics endpoint.")
+    metrics_port: int = Field(9090, ge=0, le=65535, description="Prometheus port; 0 disables metrics.")
+    api_keys_file: Path | None = Field(None, description="TOML file of hashed API keys; unset disables auth.")
+    allow_unauthenticated_remote: bool = Field(
+        False, description="Allow binding a non-loopback host without API keys."
+    )
+    tls_cert_file: Path | None = Field(None, description="PEM server certificate (enables TLS).")
+    tls_key_file: Path | None = Field(None, description="PEM private key of tls_cert_file.")
+    tls_client_ca_file: Path | None = Field(
+        None, description="PEM CA bundle: require client certificates (mTLS)."
+    )
+    drain_seconds: float = Field(30.0, ge=0, description="Grace period for in-flight requests on SIGTERM.")
+
+    # --- logging -----------------------------------------------------------------------------
+    log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log level.")
+    log_format: Literal["text", "json"] = Field("text", description="Log line format.")
+    log_prompts: bool = Field(False, description="Log prompt and output text (only with log_level=debug).")
+    metrics_max_adapter_labels: int = Field(
+        20, ge=0, description="Adapters with their own metric label (top by traffic); the rest are __other__."
+    )
+    warmup: bool = Field(True, description="Run one forward pass before reporting SERVING.")
+
+    @field_validator("lora_target_modules", mode="before")
+    @classmethod
+    def _split_modules(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("adapters_dir", "api_keys_file", "tls_cert_file", "tls_key_file", "tls_client_ca_file")
+    @classmethod
+    def _expand(cls, value: Path | None) -> Path | None:
+        return None if value is None else Path(os.path.expanduser(value))
+
+    @field_validator("model")
+    @classmethod
+    def _check_model(cls, value: str | None) -> str | None:
+        if value is None or value == "":
+            return None
+        expanded = os.path.expanduser(value)
+        looks_local = expanded.startswith((".", "/", "~")) or os.path.exists(expanded) or value.count("/") > 1
+        if looks_local:
+            path = Path(expanded)
+            if not path.is_dir():
+                raise ValueError(f"model directory not found: {value}")
+            if not (path / "config.json").is_file():
+                raise ValueError(f"model directory has no config.json: {value}")
+            return str(path.resolve())
+        return value
+
+    @field_validator("adapters_dir")
+    @classmethod
+    def _check_adapters_dir(cls, value: Path | None) -> Path | None:
+        if value is not None and not value.is_dir():
+            raise ValueError(f"adapter store directory not found: {value}")
+        return value
+
+    @model_validator(mode="after")
+    def _check_combinations(self) -> ServerConfig:
+        for name in ("api_keys_file", "tls_cert_file", "tls_key_file", "tls_client_ca_file"):
+            path = getattr(self, name)
+            if path is not None and not path.is_file():
+                raise ValueError(f"{name}: file not found: {path}")
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("tls_cert_file and tls_key_file must be given together")
+        if self.tls_client_ca_file is not None and self.tls_cert_file is None:
+            raise ValueError("tls_client_ca_file (mTLS) needs tls_cert_file and tls_key_file")
+        if (
+            self.api_keys_file is None
+            and not self.allow_unauthenticated_remote
+            and not is_loopback(self.host)
+        ):
+            raise ValueError(
+                f"host {self.host} is not loopback and no api_keys_file is set; "
+                "set api_keys_file or allow_unauthenticated_remote=true"
+            )
+        if self.max_num_batched_tokens < self.block_size:
+            raise ValueError("max_num_batched_tokens must be at least block_size")
+        for tenant, weight in self.tenant_weights.items():
+            if not weight > 0:
+                raise ValueError(f"tenant_weights[{tenant!r}] must be > 0")
+        return self
+
+
+def is_loopback(host: str) -> bool:
+    """True for localhost and loopback addresses (127.0.0.0/8, ::1)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def describe_validation_error(error: ValidationError) -> str:
+    """One line naming each wrong option, as a flag: `--quantization: Input should be ...`."""
+    parts = []
+    for item in error.errors():
+        loc = ".".join(str(p) for p in item["loc"])
+        message = item["msg"].removeprefix("Value error, ")
+        parts.append(f"--{loc.replace('_', '-')}: {message}" if loc else message)
+    return "; ".join(parts)
+
+
+def load_config(**overrides: object) -> ServerConfig:
+    """Builds the config from overrides (CLI flags) over LORASERVE_* env vars over defaults."""
+    try:
+        return ServerConfig(**overrides)  # type: ignore[arg-type]
+    except ValidationError as error:
+        raise ConfigError(describe_validation_error(error)) from None

@@ -1,0 +1,26 @@
+"""Flags of `loraserve demo` (no torch import: the CLI parser is built for every command)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+
+def default_cache_dir() -> Path:
+    """$LORASERVE_CACHE_DIR, else $XDG_CACHE_HOME/loraserve, else ~/.cache/loraserve."""
+    if os.environ.get("LORASERVE_CACHE_DIR"):
+        return Path(os.environ["LORASERVE_CACHE_DIR"]).expanduser()
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return base / "loraserve"
+
+
+def add_demo_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--cache-dir",
+        type=Path,
+        default=None,
+        help="where the demo is built (default $LORASERVE_CACHE_DIR or ~/.cache/loraserve)",
+    )
+    parser.add_argument("--force", action="store_true", help="rebuild even if a cached build exists")
+    parser.add_argument("--json", action="store_true", help="print the build's paths and scores as JSON")

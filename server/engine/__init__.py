@@ -1,0 +1,1 @@
+"""The engine: scheduler, paged KV cache, runner, sampler and the step loop."""

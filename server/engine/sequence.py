@@ -1,0 +1,155 @@
+"""A request inside the engine: its parameters, tokens, KV blocks and outputs.
+
+The service builds a `GenerationRequest` (validated plain values); the engine wraps it in a
+`Sequence` that the scheduler, runner and sampler share. A `SequenceOutput` goes back to the
+caller after every step that produced text, and once at the end.
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How the next token is chosen; temperature 0 is greedy."""
+
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int | None = None
+    repetition_penalty: float = 1.0
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+@dataclass(frozen=True)
+class StoppingCriteria:
+    """When generation ends."""
+
+    max_new_tokens: int = 256
+    stop_sequences: tuple[str, ...] = ()
+    ignore_eos: bool = False
+    max_time_seconds: float = 600.0
+
+
+class FinishReason(enum.Enum):
+    LENGTH = "length"
+    EOS = "eos"
+    STOP_SEQUENCE = "stop_sequence"
+    TIME_LIMIT = "time_limit"
+    CANCELLED = "cancelled"
+    ERROR = "error"
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass
+class GenerationRequest:
+    """What the service hands the engine: plain, validated values."""
+
+    request_id: str
+    prompt_ids: list[int]
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    stopping: StoppingCriteria = field(default_factory=StoppingCriteria)
+    adapter_id: str = ""
+    tenant: str = ""
+    arrival: float = field(default_factory=time.monotonic)
+
+
+@dataclass
+class SequenceOutput:
+    """New text and tokens since the last output; `finish_reason` is set on the last one."""
+
+    text: str
+    token_ids: list[int]
+    finish_reason: FinishReason | None = None
+    error: Exception | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    # Timings (monotonic seconds), filled on the last output.
+    arrival: float = 0.0
+    first_scheduled: float | None = None
+    first_token: float | None = None
+    finished: float | None = None
+    preemptions: int = 0
+
+    @property
+    def done(self) -> bool:
+        return self.finish_reason is not None
+
+
+class Sequence:
+    """Engine-side state of one request."""
+
+    def __init__(
+        self,
+        request: GenerationRequest,
+        adapter: Any,
+        sink: Callable[[SequenceOutput], None],
+        detokenizer: Any,
+        stop_checker: Any,
+    ) -> None:
+        self.request = request
+        self.request_id = request.request_id
+        self.adapter = adapter  # adapters.manager.AdapterEntry, or None for the base model
+        self.sink = sink
+        self.detokenizer = detokenizer
+        self.stop_checker = stop_checker
+        self.prompt_ids = list(request.prompt_ids)
+        self.output_ids: list[int] = []
+        self.num_computed = 0  # tokens whose K/V are in the cache
+        self.block_table: list[int] = []
+        self.status = Status.WAITING
+        self.slot = -1  # device slot of its adapter while running
+        self.deadline = request.arrival + request.stopping.max_time_seconds
+        self.first_scheduled: float | None = None
+        self.first_token: float | None = None
+        self.last_token: float | None = None
+        self.preemptions = 0
+        self.finish_reason: FinishReason | None = None
+        seed = request.sampling.seed
+        self.generator: torch.Generator | None = None
+        if not request.sampling.greedy:
+            self.generator = torch.Generator()
+            self.generator.manual_seed(seed if seed is not None else torch.seed())
+
+    @property
+    def tenant(self) -> str:
+        return self.request.tenant or self.request.adapter_id or "__base__"
+
+    @property
+    def adapter_id(self) -> str:
+        return self.request.adapter_id
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    @property
+    def remaining(self) -> int:
+        """Tokens still to run through the model before the next sample."""
+        return self.num_tokens - self.num_computed
+
+    def token_at(self, position: int) -> int:
+        n = len(self.prompt_ids)
+        return self.prompt_ids[position] if position < n else self.output_ids[position - n]
+
+    def tokens(self, start: int, end: int) -> list[int]:
+        return (self.prompt_ids + self.output_ids)[start:end]
+
+    @property
+    def finished(self) -> bool:
+        return self.status is Status.FINISHED

@@ -1,0 +1,58 @@
+"""Domain errors, each carrying the gRPC status code it maps to (DESIGN.md, Status codes).
+
+Raised anywhere in the server, the engine or the adapter system; turned into a gRPC status
+in one place (server.interceptors). This module imports no grpc so that plain library code
+(adapters, engine) can raise them.
+"""
+
+from __future__ import annotations
+
+
+class ServeError(Exception):
+    """Base class; `code` is the name of a grpc.StatusCode member."""
+
+    code = "INTERNAL"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class InvalidArgument(ServeError):
+    code = "INVALID_ARGUMENT"
+
+
+class NotFound(ServeError):
+    code = "NOT_FOUND"
+
+
+class FailedPrecondition(ServeError):
+    code = "FAILED_PRECONDITION"
+
+
+class ResourceExhausted(ServeError):
+    code = "RESOURCE_EXHAUSTED"
+
+
+class Unavailable(ServeError):
+    code = "UNAVAILABLE"
+
+
+class Unauthenticated(ServeError):
+    code = "UNAUTHENTICATED"
+
+
+class PermissionDenied(ServeError):
+    code = "PERMISSION_DENIED"
+
+
+class DeadlineExceeded(ServeError):
+    code = "DEADLINE_EXCEEDED"
+
+
+class Cancelled(ServeError):
+    code = "CANCELLED"
+
+
+class InternalError(ServeError):
+    code = "INTERNAL"
