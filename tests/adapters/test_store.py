@@ -73,7 +73,7 @@ def test_unknown_and_missing(store_copy) -> None:
     with pytest.raises(NotFound):
         store.files("nope")
     (store_copy.store / "empty").mkdir()
-    with pytest.raises(FailedPrecondition, match="no adapter_config.json"):
+    with pytest.raises(FailedPrecondition, match=r"no adapter_config\.json"):
         store.files("empty")
 
 
@@ -212,7 +212,7 @@ def test_unsupported_tensors_are_named(store_copy, shapes, key: str, message: st
 def test_tensor_outside_config_targets(store_copy, shapes) -> None:
     folder = store_copy.adapter("a1")
     _edit_config(folder, target_modules=["q_proj"])
-    with pytest.raises(FailedPrecondition, match="not targeted by adapter_config.json"):
+    with pytest.raises(FailedPrecondition, match=r"not targeted by adapter_config\.json"):
         _read(folder, shapes)
 
 
