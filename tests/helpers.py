@@ -55,13 +55,16 @@ def build_toy(root: Path) -> Toy:
         num_key_value_heads=2,
         max_position_embeddings=256,
         seed=0,
+        # Well-conditioned: peaked logits and moderate adapters, so that float noise between
+        # batched and single forward passes (~1e-6) never flips a greedy choice.
+        initializer_range=0.1,
     )
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32)
     for i, (adapter_id, kwargs) in enumerate(TOY_ADAPTERS.items()):
         make_peft_adapter(
-            base, root / "store" / adapter_id, seed=100 + i, weight_std=0.3, base_model=model, **kwargs
+            base, root / "store" / adapter_id, seed=100 + i, weight_std=0.05, base_model=model, **kwargs
         )
     return Toy(base, root / "store")
 

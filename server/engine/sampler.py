@@ -26,13 +26,14 @@ def filter_logits(logits: torch.Tensor, params: list[SamplingParams]) -> torch.T
     device = logits.device
     temperature = torch.tensor([p.temperature for p in params], device=device)[:, None]
     logits = logits / temperature
-    top_k = [p.top_k for p in params]
-    if any(0 < k < logits.shape[1] for k in top_k):
-        k_max = max(k for k in top_k if k > 0)
-        kth = torch.topk(logits, min(k_max, logits.shape[1]), dim=-1).values  # [B, k_max]
-        ks = torch.tensor([min(k, k_max) if k > 0 else k_max for k in top_k], device=device)
-        threshold = kth.gather(1, (ks - 1)[:, None])  # [B, 1]
-        active = torch.tensor([k > 0 for k in top_k], device=device)[:, None]
+    vocab = logits.shape[1]
+    top_k = [min(p.top_k, vocab) for p in params]
+    if any(0 < k < vocab for k in top_k):
+        k_max = max(top_k)
+        kth = torch.topk(logits, k_max, dim=-1).values  # [B, k_max]
+        ks = torch.tensor([k if k > 0 else k_max for k in top_k], device=device)
+        threshold = kth.gather(1, (ks - 1)[:, None])  # [B, 1]: each row's k-th largest logit
+        active = torch.tensor([0 < k < vocab for k in top_k], device=device)[:, None]
         logits = torch.where(active & (logits < threshold), float("-inf"), logits)
     top_p = torch.tensor([p.top_p for p in params], device=device)[:, None]
     if bool((top_p < 1.0).any()):
