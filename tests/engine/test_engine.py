@@ -86,7 +86,7 @@ def test_kv_blocks_and_pins_return_after_finish_cancel_timeout_and_preemption(ma
     assert engine.blocks.num_blocks == 10
     finished = driver.submit(PROMPTS[0], "a1", 6)[1]
     cancelled_seq, cancelled = driver.submit(PROMPTS[1], "org/a2", 100, ignore_eos=True)
-    timed_seq, timed = driver.submit(PROMPTS[2], "a3", 100, ignore_eos=True, max_time_seconds=0.05)
+    timed = driver.submit(PROMPTS[2], "a3", 100, ignore_eos=True, max_time_seconds=0.05)[1]
     # Three base requests of 4 blocks each cannot fit 10 blocks together: preemption is certain.
     preempted = [driver.submit(PROMPTS[3], "", 60, ignore_eos=True)[1] for _ in range(3)]
     waiting_seq, waiting = driver.submit(PROMPTS[0], "a4", 5)
@@ -120,7 +120,7 @@ def test_chunked_prefill_does_not_stall_decodes(make_driver) -> None:
     while not short.outputs:
         engine.step()
     long_prompt = list(range(10, 130))  # 120 tokens: 8 chunks of at most 15 beside one decode
-    long_seq, long = driver.submit(long_prompt, "a1", 2, ignore_eos=True)
+    long = driver.submit(long_prompt, "a1", 2, ignore_eos=True)[1]
     produced = []
     while not long.outputs:
         before = len(short.token_ids)
