@@ -137,6 +137,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command != "serve":  # serve configures logging from its own config
+        from server.logs import setup_logging
+
+        setup_logging("warning")
     try:
         return args.func(args)
     except ConfigError as error:

@@ -1,0 +1,75 @@
+"""Trains the demo's small Llama base model from scratch on the synthetic corpus (CPU, seeded)."""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from server.toy import build_llama
+
+
+def _batches(lines: list[list[int]], batch_size: int, pad_id: int, rng: random.Random):
+    while True:
+        order = list(range(len(lines)))
+        rng.shuffle(order)
+        for start in range(0, len(order) - batch_size + 1, batch_size):
+            chunk = [lines[i] for i in order[start : start + batch_size]]
+            width = max(map(len, chunk))
+            ids = torch.full((batch_size, width), pad_id, dtype=torch.long)
+            mask = torch.zeros((batch_size, width), dtype=torch.long)
+            for row, seq in enumerate(chunk):
+                ids[row, : len(seq)] = torch.tensor(seq)
+                mask[row, : len(seq)] = 1
+            labels = ids.masked_fill(mask == 0, -100)
+            yield ids, mask, labels
+
+
+def pretrain(
+    out_dir: Path,
+    corpus: list[str],
+    tokenizer: Any,
+    model_shape: dict[str, int],
+    steps: int,
+    batch_size: int = 32,
+    lr: float = 3e-3,
+    seed: int = 0,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Trains a LlamaForCausalLM on the corpus lines (each BOS ... EOS) and saves it with its tokenizer."""
+    from tqdm import tqdm
+
+    torch.manual_seed(seed)
+    model = build_llama(vocab_size=len(tokenizer), seed=seed, tokenizer=tokenizer, **model_shape)
+    model.train()
+    lines = [tokenizer(text)["input_ids"] + [tokenizer.eos_token_id] for text in corpus]
+    batches = _batches(lines, batch_size, tokenizer.pad_token_id, random.Random(seed))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
+    warmup = max(1, steps // 20)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))
+    )
+    losses: list[float] = []
+    started = time.perf_counter()
+    with tqdm(total=steps, disable=not progress, desc="pretrain base", unit="step") as bar:
+        for _ in range(steps):
+            ids, mask, labels = next(batches)
+            loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            schedule.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(round(loss.item(), 4))
+            bar.set_postfix(loss=f"{sum(losses[-20:]) / len(losses[-20:]):.3f}")
+            bar.update()
+    model.eval()
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    return {"steps": steps, "seconds": round(time.perf_counter() - started, 1), "loss_curve": losses[::10],
+            "final_loss": sum(losses[-20:]) / len(losses[-20:])}

@@ -1,0 +1,56 @@
+"""The demo build: adapters that clearly beat the base, served by `loraserve serve` with no --model."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from clients import Client
+from server.demo.build import ensure_demo
+from tests.helpers import ServerThread
+
+
+@pytest.fixture(scope="session")
+def demo():
+    return ensure_demo(progress=False)  # cached under the user cache dir: built once per machine
+
+
+@pytest.fixture(scope="module")
+def demo_client(demo):
+    # No model configured: the server serves the demo build (what `make serve` does).
+    with ServerThread(model=None, kv_cache_bytes=8 << 20) as srv, Client(srv.target) as client:
+        yield client
+
+
+def _held_out(demo, adapter_id: str, n: int) -> list[tuple[str, str]]:
+    rows = (demo.data_dir / f"{adapter_id}.eval.jsonl").read_text().splitlines()[:n]
+    return [(m["messages"][0]["content"], m["messages"][1]["content"]) for m in map(json.loads, rows)]
+
+
+def test_adapters_clearly_beat_the_base_model(demo) -> None:
+    report = demo.report
+    assert set(report["adapters"]) == {"pt-en", "en-pt", "support-bot"}
+    for adapter_id, scores in report["adapters"].items():
+        assert scores["exact_match"] >= 0.8, (adapter_id, scores)
+        assert scores["base_exact_match"] <= 0.1, (adapter_id, scores)
+    assert report["seconds"] < 240
+
+
+def test_served_demo_translates_held_out_phrases(demo, demo_client: Client) -> None:
+    info = demo_client.model_info()
+    assert info.model == str(demo.model_dir) and info.quantization == "nf4"
+    for adapter_id in ("pt-en", "en-pt"):
+        pairs = _held_out(demo, adapter_id, 4)
+        right = sum(demo_client.chat([("user", src)], adapter_id, max_new_tokens=16).text.strip() == dst
+                    for src, dst in pairs)
+        assert right >= 3, adapter_id
+
+
+def test_support_bot_answers_and_adapters_differ(demo, demo_client: Client) -> None:
+    question, answer = _held_out(demo, "support-bot", 1)[0]
+    assert demo_client.chat([("user", question)], "support-bot", max_new_tokens=40).text.strip() == answer
+    same_prompt = [("user", "o gato preto")]
+    outputs = {a: demo_client.chat(same_prompt, a, max_new_tokens=16).text for a in ("", "pt-en", "support-bot")}
+    assert outputs["pt-en"].strip() == "the black cat"
+    assert len(set(outputs.values())) == 3
