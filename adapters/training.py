@@ -118,8 +118,10 @@ def _parse_record(record: dict, where: str, number: int) -> Example:
             raise DataError(f"{where}: 'messages' must be a non-empty list")
         turns = []
         for i, message in enumerate(messages):
-            if not isinstance(message, dict) or not isinstance(message.get("role"), str) or not isinstance(
-                message.get("content"), str
+            if (
+                not isinstance(message, dict)
+                or not isinstance(message.get("role"), str)
+                or not isinstance(message.get("content"), str)
             ):
                 raise DataError(f"{where}: messages[{i}] needs string fields 'role' and 'content'")
             if message["role"] not in ("system", "user", "assistant"):
@@ -147,7 +149,9 @@ def encode(tokenizer: Any, example: Example, max_length: int) -> tuple[list[int]
     """(input ids, labels) with labels IGNORE outside the completion / assistant turns."""
     if not example.is_chat:
         prompt = tokenizer(example.prompt)["input_ids"]
-        completion = tokenizer(example.completion, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        completion = tokenizer(example.completion, add_special_tokens=False)["input_ids"] + [
+            tokenizer.eos_token_id
+        ]
         ids, labels = prompt + completion, [IGNORE] * len(prompt) + completion
     else:
         messages = [{"role": r, "content": c} for r, c in example.messages]
@@ -182,16 +186,22 @@ def normalise(text: str) -> str:
 
 
 @torch.inference_mode()
-def exact_match(model: Any, tokenizer: Any, examples: list[Example], max_new_tokens: int,
-                samples: int = 5) -> tuple[float, list[dict[str, str]]]:
+def exact_match(
+    model: Any, tokenizer: Any, examples: list[Example], max_new_tokens: int, samples: int = 5
+) -> tuple[float, list[dict[str, str]]]:
     """Share of examples whose greedy answer equals the expected one (case/space-insensitive)."""
     model.eval()
     hits, shown = 0, []
     for example in examples:
         ids, expected = eval_prompt(tokenizer, example)
-        out = model.generate(input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                             max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
-        answer = tokenizer.decode(out[0, len(ids):], skip_special_tokens=True)
+        out = model.generate(
+            input_ids=torch.tensor([ids]),
+            attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+        answer = tokenizer.decode(out[0, len(ids) :], skip_special_tokens=True)
         hits += normalise(answer) == normalise(expected)
         if len(shown) < samples:
             shown.append({"expected": expected, "got": answer.strip()})
@@ -256,14 +266,21 @@ def train(config: TrainConfig, base_model: Any = None, tokenizer: Any = None) ->
     if config.quantization != "none":
         base_model = prepare_model_for_kbit_training(base_model, use_gradient_checkpointing=False)
     lora = LoraConfig(
-        r=config.rank, lora_alpha=config.alpha, lora_dropout=config.dropout, use_rslora=config.rslora,
-        target_modules=_target_modules(config.target_modules), task_type="CAUSAL_LM", bias="none",
+        r=config.rank,
+        lora_alpha=config.alpha,
+        lora_dropout=config.dropout,
+        use_rslora=config.rslora,
+        target_modules=_target_modules(config.target_modules),
+        task_type="CAUSAL_LM",
+        bias="none",
     )
     model = get_peft_model(base_model, lora)
     encoded = [encode(tokenizer, e, config.max_length) for e in train_set]
     encoded = [pair for pair in encoded if any(label != IGNORE for label in pair[1])]
     if not encoded:
-        raise DataError(f"{config.data}: no example has completion tokens within --max-length {config.max_length}")
+        raise DataError(
+            f"{config.data}: no example has completion tokens within --max-length {config.max_length}"
+        )
     batch_size = min(config.batch_size, len(encoded))
     steps = config.steps or max(1, math.ceil(config.epochs * len(encoded) / batch_size))
     params = [p for p in model.parameters() if p.requires_grad]
@@ -310,8 +327,11 @@ def _save(model: Any, config: TrainConfig, result: TrainResult, target: Path) ->
             "steps": result.steps,
             "seconds": round(result.seconds, 2),
             "loss_curve": result.losses,
-            "eval": {"exact_match": result.eval_exact_match, "examples": result.eval_examples,
-                     "samples": result.samples},
+            "eval": {
+                "exact_match": result.eval_exact_match,
+                "examples": result.eval_examples,
+                "samples": result.samples,
+            },
         }
         (staging / METADATA_FILE).write_text(json.dumps(metadata, indent=2, ensure_ascii=False))
         (staging / "README.md").unlink(missing_ok=True)
@@ -323,14 +343,18 @@ def _save(model: Any, config: TrainConfig, result: TrainResult, target: Path) ->
 
 
 def train_cli(args: Any) -> int:
-    config = TrainConfig(**{k: getattr(args, k) for k in TrainConfig.__dataclass_fields__ if hasattr(args, k)})
+    config = TrainConfig(
+        **{k: getattr(args, k) for k in TrainConfig.__dataclass_fields__ if hasattr(args, k)}
+    )
     try:
         result = train(config)
     except DataError as error:
         raise ValueError(str(error)) from None
     first = sum(result.losses[:10]) / min(10, len(result.losses))
     last = sum(result.losses[-10:]) / min(10, len(result.losses))
-    print(f"trained {config.adapter_id}: {result.steps} steps in {result.seconds:.1f} s, loss {first:.3f} -> {last:.3f}")
+    print(
+        f"trained {config.adapter_id}: {result.steps} steps in {result.seconds:.1f} s, loss {first:.3f} -> {last:.3f}"
+    )
     if result.eval_exact_match is not None:
         print(f"held-out exact match: {result.eval_exact_match:.1%} of {result.eval_examples}")
     print(f"wrote {result.adapter_dir}")

@@ -73,7 +73,7 @@ def warm_up(engine: Engine, loaded: LoadedModel) -> None:
     """Runs one short generation through the engine (first-call costs happen here)."""
     done = threading.Event()
     ids = loaded.tokenizer("Hello")["input_ids"] or [loaded.tokenizer.eos_token_id or 0]
-    request = GenerationRequest("warmup", ids, stopping=StoppingCriteria(max_new_tokens=2, ignore_eos=True))
+    request = GenerationRequest("warmup", ids, stopping=StoppingCriteria(max_new_tokens=1, ignore_eos=True))
     engine.submit(request, lambda out: done.set() if out.done else None)
     if not done.wait(300):
         raise RuntimeError("warm-up generation did not finish within 300 s")

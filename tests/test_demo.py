@@ -42,8 +42,10 @@ def test_served_demo_translates_held_out_phrases(demo, demo_client: Client) -> N
     assert info.model == str(demo.model_dir) and info.quantization == "nf4"
     for adapter_id in ("pt-en", "en-pt"):
         pairs = _held_out(demo, adapter_id, 4)
-        right = sum(demo_client.chat([("user", src)], adapter_id, max_new_tokens=16).text.strip() == dst
-                    for src, dst in pairs)
+        right = sum(
+            demo_client.chat([("user", src)], adapter_id, max_new_tokens=16).text.strip() == dst
+            for src, dst in pairs
+        )
         assert right >= 3, adapter_id
 
 
@@ -51,6 +53,8 @@ def test_support_bot_answers_and_adapters_differ(demo, demo_client: Client) -> N
     question, answer = _held_out(demo, "support-bot", 1)[0]
     assert demo_client.chat([("user", question)], "support-bot", max_new_tokens=40).text.strip() == answer
     same_prompt = [("user", "o gato preto")]
-    outputs = {a: demo_client.chat(same_prompt, a, max_new_tokens=16).text for a in ("", "pt-en", "support-bot")}
+    outputs = {
+        a: demo_client.chat(same_prompt, a, max_new_tokens=16).text for a in ("", "pt-en", "support-bot")
+    }
     assert outputs["pt-en"].strip() == "the black cat"
     assert len(set(outputs.values())) == 3

@@ -21,17 +21,35 @@ def _write(path: Path, rows: list) -> Path:
 
 
 def test_qlora_training_lowers_the_loss_and_the_adapter_serves(toy, tmp_path: Path) -> None:
-    rows = [{"prompt": f"copy {w}:", "completion": f" {w} {w}"} for w in ["cat", "dog", "sun", "sea", "red", "map"] * 4]
-    rows += [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello there"}]}] * 4
+    rows = [
+        {"prompt": f"copy {w}:", "completion": f" {w} {w}"}
+        for w in ["cat", "dog", "sun", "sea", "red", "map"] * 4
+    ]
+    rows += [
+        {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello there"}]}
+    ] * 4
     data = _write(tmp_path / "train.jsonl", rows)
     store = tmp_path / "store"
-    config = TrainConfig(model=str(toy.base), data=data, adapters_dir=store, adapter_id="team/copy", rank=4,
-                         alpha=8, lr=1e-2, steps=40, batch_size=8, quiet=True, eval_fraction=0.1, eval_max_new_tokens=4)
+    config = TrainConfig(
+        model=str(toy.base),
+        data=data,
+        adapters_dir=store,
+        adapter_id="team/copy",
+        rank=4,
+        alpha=8,
+        lr=1e-2,
+        steps=40,
+        batch_size=8,
+        quiet=True,
+        eval_fraction=0.1,
+        eval_max_new_tokens=4,
+    )
     result = train(config)
     assert sum(result.losses[-5:]) / 5 < 0.6 * sum(result.losses[:5]) / 5, result.losses
     folder = store / "team" / "copy"
     assert {"adapter_config.json", "adapter_model.safetensors", "loraserve_training.json"} <= {
-        p.name for p in folder.iterdir()}
+        p.name for p in folder.iterdir()
+    }
     metadata = json.loads((folder / "loraserve_training.json").read_text())
     assert len(metadata["data_sha256"]) == 64 and metadata["loss_curve"] == result.losses
     assert metadata["eval"]["examples"] == result.eval_examples > 0
@@ -39,8 +57,13 @@ def test_qlora_training_lowers_the_loss_and_the_adapter_serves(toy, tmp_path: Pa
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(toy.base)), str(folder))  # loads in PEFT
-    with ServerThread(model=str(toy.base), adapters_dir=store, kv_cache_bytes=2 << 20) as srv, Client(srv.target) as c:
+    PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(str(toy.base)), str(folder)
+    )  # loads in PEFT
+    with (
+        ServerThread(model=str(toy.base), adapters_dir=store, kv_cache_bytes=2 << 20) as srv,
+        Client(srv.target) as c,
+    ):
         answer = c.generate("copy cat:", "team/copy", max_new_tokens=3)
         base = c.generate("copy cat:", "", max_new_tokens=3)
         assert answer.token_ids != base.token_ids
@@ -51,16 +74,27 @@ def test_chat_labels_cover_only_assistant_turns(toy) -> None:
     from adapters.training import Example
 
     tokenizer = load_tokenizer(str(toy.base))
-    example = Example(1, messages=(("system", "be brief"), ("user", "hi"), ("assistant", "yo"), ("user", "ok?"),
-                                   ("assistant", "sure")))
+    example = Example(
+        1,
+        messages=(
+            ("system", "be brief"),
+            ("user", "hi"),
+            ("assistant", "yo"),
+            ("user", "ok?"),
+            ("assistant", "sure"),
+        ),
+    )
     ids, labels = encode(tokenizer, example, 256)
     learned = tokenizer.decode([i for i, label in zip(ids, labels) if label >= 0])
     assert learned.replace("</s>", "|") == "yo|sure|"
 
 
 BAD = {
-    "not JSON": (["{\"prompt\": \"a\", \"completion\": \"b\"}", "{oops"], ":2: not valid JSON"),
-    "missing completion": ([{"prompt": "a", "completion": "b"}, {"prompt": "only"}], ":2: missing field 'completion'"),
+    "not JSON": (['{"prompt": "a", "completion": "b"}', "{oops"], ":2: not valid JSON"),
+    "missing completion": (
+        [{"prompt": "a", "completion": "b"}, {"prompt": "only"}],
+        ":2: missing field 'completion'",
+    ),
     "not an object": (["[1, 2]"], ":1: each line must be a JSON object"),
     "wrong type": ([{"prompt": 3, "completion": "b"}], ":1: field 'prompt' must be a string"),
     "bad role": ([{"messages": [{"role": "bot", "content": "x"}]}], ":1: messages[0].role"),
@@ -82,9 +116,24 @@ def test_bad_data_names_the_line(case: str, tmp_path: Path) -> None:
 def test_cli_reports_bad_data_in_one_line(toy, tmp_path: Path) -> None:
     data = _write(tmp_path / "bad.jsonl", [{"prompt": "a", "completion": "b"}, "not json"])
     run = subprocess.run(
-        [sys.executable, "-m", "server.cli", "train", "--model", str(toy.base), "--data", str(data),
-         "--adapters-dir", str(tmp_path / "store"), "--adapter-id", "x", "--quiet"],
-        capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            "-m",
+            "server.cli",
+            "train",
+            "--model",
+            str(toy.base),
+            "--data",
+            str(data),
+            "--adapters-dir",
+            str(tmp_path / "store"),
+            "--adapter-id",
+            "x",
+            "--quiet",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert run.returncode == 2
     assert run.stderr.strip().count("\n") == 0 and "bad.jsonl:2: not valid JSON" in run.stderr

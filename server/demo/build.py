@@ -27,8 +27,12 @@ DEMO_VERSION = 1
 SEED = 0
 TOKENIZER_VOCAB = 1024
 BASE_SHAPE = {
-    "hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 4, "num_attention_heads": 4,
-    "num_key_value_heads": 2, "max_position_embeddings": 256,
+    "hidden_size": 128,
+    "intermediate_size": 256,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 256,
 }
 PRETRAIN_STEPS = 1800
 # Per adapter: (steps, learning rate). Translation needs more push to learn agreement (en-pt).
@@ -70,12 +74,18 @@ def write_datasets(folder: Path) -> dict[str, tuple[Path, Path]]:
     en_train, en_test = data.translation_split(SEED + 1)
     qa_train, qa_test = data.support_split(SEED)
     sets = {
-        "pt-en": ([_chat(p.portuguese, p.english) for p in train_phrases[:ADAPTER_EXAMPLES]],
-                  [_chat(p.portuguese, p.english) for p in test_phrases[:EVAL_EXAMPLES]]),
-        "en-pt": ([_chat(p.english, p.portuguese) for p in en_train[:ADAPTER_EXAMPLES]],
-                  [_chat(p.english, p.portuguese) for p in en_test[:EVAL_EXAMPLES]]),
-        "support-bot": ([_chat(q.question, q.answer) for q in qa_train[:ADAPTER_EXAMPLES]],
-                        [_chat(q.question, q.answer) for q in qa_test[:EVAL_EXAMPLES]]),
+        "pt-en": (
+            [_chat(p.portuguese, p.english) for p in train_phrases[:ADAPTER_EXAMPLES]],
+            [_chat(p.portuguese, p.english) for p in test_phrases[:EVAL_EXAMPLES]],
+        ),
+        "en-pt": (
+            [_chat(p.english, p.portuguese) for p in en_train[:ADAPTER_EXAMPLES]],
+            [_chat(p.english, p.portuguese) for p in en_test[:EVAL_EXAMPLES]],
+        ),
+        "support-bot": (
+            [_chat(q.question, q.answer) for q in qa_train[:ADAPTER_EXAMPLES]],
+            [_chat(q.question, q.answer) for q in qa_test[:EVAL_EXAMPLES]],
+        ),
     }
     paths = {}
     for adapter_id, (train_rows, eval_rows) in sets.items():
@@ -111,7 +121,9 @@ def build(root: Path, progress: bool = True) -> dict[str, Any]:
     torch.manual_seed(SEED)
     lines = pretraining_lines()
     tokenizer = build_tokenizer(lines, TOKENIZER_VOCAB)
-    base_stats = pretrain(root / "base", lines, tokenizer, BASE_SHAPE, PRETRAIN_STEPS, seed=SEED, progress=progress)
+    base_stats = pretrain(
+        root / "base", lines, tokenizer, BASE_SHAPE, PRETRAIN_STEPS, seed=SEED, progress=progress
+    )
     datasets = write_datasets(root / "data")
     report: dict[str, Any] = {"version": DEMO_VERSION, "base": base_stats, "adapters": {}}
     for adapter_id, (train_path, eval_path) in datasets.items():
@@ -119,16 +131,29 @@ def build(root: Path, progress: bool = True) -> dict[str, Any]:
         loaded = load_base_model(str(root / "base"), "nf4", "cpu", "float32")
         steps, lr = RECIPES[adapter_id]
         config = TrainConfig(
-            model=str(root / "base"), data=train_path, eval_data=eval_path, adapters_dir=root / "adapters",
-            adapter_id=adapter_id, rank=16, alpha=32, lr=lr, steps=steps, batch_size=16, seed=SEED,
-            eval_max_new_tokens=32, quiet=not progress,
+            model=str(root / "base"),
+            data=train_path,
+            eval_data=eval_path,
+            adapters_dir=root / "adapters",
+            adapter_id=adapter_id,
+            rank=16,
+            alpha=32,
+            lr=lr,
+            steps=steps,
+            batch_size=16,
+            seed=SEED,
+            eval_max_new_tokens=32,
+            quiet=not progress,
         )
         result = train(config, base_model=loaded.model, tokenizer=loaded.tokenizer)
         base_score, _ = exact_match(loaded.model, loaded.tokenizer, read_jsonl(eval_path), 32)
         report["adapters"][adapter_id] = {
-            "exact_match": result.eval_exact_match, "base_exact_match": base_score,
-            "eval_examples": result.eval_examples, "train_seconds": round(result.seconds, 1),
-            "final_loss": sum(result.losses[-20:]) / 20, "samples": result.samples[:3],
+            "exact_match": result.eval_exact_match,
+            "base_exact_match": base_score,
+            "eval_examples": result.eval_examples,
+            "train_seconds": round(result.seconds, 1),
+            "final_loss": sum(result.losses[-20:]) / 20,
+            "samples": result.samples[:3],
         }
     report["seconds"] = round(time.perf_counter() - started, 1)
     (root / "demo.json").write_text(json.dumps(report, indent=2, ensure_ascii=False))
@@ -160,15 +185,26 @@ def print_report(demo: DemoBuild) -> None:
     print(f"data sets:    {demo.data_dir}")
     print(f"built in {report['seconds']:.0f} s; held-out exact match (adapter vs base model):")
     for adapter_id, scores in report["adapters"].items():
-        print(f"  {adapter_id:12s} {scores['exact_match']:6.1%}  vs  {scores['base_exact_match']:5.1%}"
-              f"  ({scores['eval_examples']} examples)")
+        print(
+            f"  {adapter_id:12s} {scores['exact_match']:6.1%}  vs  {scores['base_exact_match']:5.1%}"
+            f"  ({scores['eval_examples']} examples)"
+        )
 
 
 def build_demo_cli(args: Any) -> int:
     demo = ensure_demo(args.cache_dir, args.force, progress=not args.json)
     if args.json:
-        print(json.dumps({"model_dir": str(demo.model_dir), "adapters_dir": str(demo.adapters_dir),
-                          "data_dir": str(demo.data_dir), **demo.report}, ensure_ascii=False))
+        print(
+            json.dumps(
+                {
+                    "model_dir": str(demo.model_dir),
+                    "adapters_dir": str(demo.adapters_dir),
+                    "data_dir": str(demo.data_dir),
+                    **demo.report,
+                },
+                ensure_ascii=False,
+            )
+        )
     else:
         print_report(demo)
     return 0

@@ -16,25 +16,41 @@ from dataclasses import dataclass
 
 # noun: (portuguese singular, portuguese plural, gender, english singular, english plural)
 NOUNS = [
-    ("gato", "gatos", "m", "cat", "cats"), ("cão", "cães", "m", "dog", "dogs"),
-    ("livro", "livros", "m", "book", "books"), ("carro", "carros", "m", "car", "cars"),
-    ("menino", "meninos", "m", "boy", "boys"), ("pássaro", "pássaros", "m", "bird", "birds"),
-    ("peixe", "peixes", "m", "fish", "fish"), ("barco", "barcos", "m", "boat", "boats"),
-    ("rio", "rios", "m", "river", "rivers"), ("copo", "copos", "m", "glass", "glasses"),
-    ("casa", "casas", "f", "house", "houses"), ("mesa", "mesas", "f", "table", "tables"),
-    ("flor", "flores", "f", "flower", "flowers"), ("menina", "meninas", "f", "girl", "girls"),
-    ("cidade", "cidades", "f", "city", "cities"), ("janela", "janelas", "f", "window", "windows"),
-    ("porta", "portas", "f", "door", "doors"), ("maçã", "maçãs", "f", "apple", "apples"),
-    ("cadeira", "cadeiras", "f", "chair", "chairs"), ("chave", "chaves", "f", "key", "keys"),
+    ("gato", "gatos", "m", "cat", "cats"),
+    ("cão", "cães", "m", "dog", "dogs"),
+    ("livro", "livros", "m", "book", "books"),
+    ("carro", "carros", "m", "car", "cars"),
+    ("menino", "meninos", "m", "boy", "boys"),
+    ("pássaro", "pássaros", "m", "bird", "birds"),
+    ("peixe", "peixes", "m", "fish", "fish"),
+    ("barco", "barcos", "m", "boat", "boats"),
+    ("rio", "rios", "m", "river", "rivers"),
+    ("copo", "copos", "m", "glass", "glasses"),
+    ("casa", "casas", "f", "house", "houses"),
+    ("mesa", "mesas", "f", "table", "tables"),
+    ("flor", "flores", "f", "flower", "flowers"),
+    ("menina", "meninas", "f", "girl", "girls"),
+    ("cidade", "cidades", "f", "city", "cities"),
+    ("janela", "janelas", "f", "window", "windows"),
+    ("porta", "portas", "f", "door", "doors"),
+    ("maçã", "maçãs", "f", "apple", "apples"),
+    ("cadeira", "cadeiras", "f", "chair", "chairs"),
+    ("chave", "chaves", "f", "key", "keys"),
 ]
 # adjective: (masculine singular, feminine singular, masculine plural, feminine plural, english)
 ADJECTIVES = [
-    ("preto", "preta", "pretos", "pretas", "black"), ("branco", "branca", "brancos", "brancas", "white"),
-    ("vermelho", "vermelha", "vermelhos", "vermelhas", "red"), ("pequeno", "pequena", "pequenos", "pequenas", "small"),
-    ("novo", "nova", "novos", "novas", "new"), ("velho", "velha", "velhos", "velhas", "old"),
-    ("bonito", "bonita", "bonitos", "bonitas", "beautiful"), ("amarelo", "amarela", "amarelos", "amarelas", "yellow"),
-    ("grande", "grande", "grandes", "grandes", "big"), ("azul", "azul", "azuis", "azuis", "blue"),
-    ("verde", "verde", "verdes", "verdes", "green"), ("feliz", "feliz", "felizes", "felizes", "happy"),
+    ("preto", "preta", "pretos", "pretas", "black"),
+    ("branco", "branca", "brancos", "brancas", "white"),
+    ("vermelho", "vermelha", "vermelhos", "vermelhas", "red"),
+    ("pequeno", "pequena", "pequenos", "pequenas", "small"),
+    ("novo", "nova", "novos", "novas", "new"),
+    ("velho", "velha", "velhos", "velhas", "old"),
+    ("bonito", "bonita", "bonitos", "bonitas", "beautiful"),
+    ("amarelo", "amarela", "amarelos", "amarelas", "yellow"),
+    ("grande", "grande", "grandes", "grandes", "big"),
+    ("azul", "azul", "azuis", "azuis", "blue"),
+    ("verde", "verde", "verdes", "verdes", "green"),
+    ("feliz", "feliz", "felizes", "felizes", "happy"),
 ]
 # determiner: (masculine singular, feminine singular, masculine plural, feminine plural, english sg, english pl)
 DETERMINERS = [("o", "a", "os", "as", "the", "the"), ("um", "uma", "uns", "umas", "a", "some")]
@@ -88,37 +104,89 @@ def translation_split(seed: int = 0, held_out_pairs: int = 40) -> tuple[list[Phr
 # --------------------------------------------------------------------------- support facts
 # topic -> (answer, phrasings of the question's subject)
 FACTS: dict[str, tuple[str, list[str]]] = {
-    "load": ("Run loraserve adapters load ID, or call AdapterAdmin.LoadAdapter.",
-             ["load an adapter", "load a lora adapter", "hot-load an adapter", "add an adapter to the server"]),
-    "unload": ("Run loraserve adapters unload ID; requests in flight finish first.",
-               ["unload an adapter", "remove an adapter from memory", "retire an adapter", "evict an adapter"]),
-    "list": ("Run loraserve adapters list to see every adapter and its tier.",
-             ["list the adapters", "see which adapters are loaded", "show the loaded adapters", "list lora adapters"]),
-    "metrics": ("Prometheus metrics are on port 9090 at /metrics.",
-                ["get the metrics", "scrape the prometheus metrics", "find the metrics port", "see the metrics"]),
-    "port": ("The gRPC server listens on port 50051.",
-             ["find the grpc port", "connect to the grpc server", "reach the server port", "find the server address"]),
-    "health": ("Run loraserve health; it exits 0 when the server is SERVING.",
-               ["check the server health", "know if the server is ready", "check that the server is up",
-                "run a health check"]),
-    "train": ("Run loraserve train with --data FILE.jsonl and --adapter-id ID.",
-              ["train an adapter", "fine-tune a new adapter", "make my own adapter", "train a lora adapter"]),
-    "start": ("Run make serve to build the demo and start the server.",
-              ["start the server", "run the server", "launch loraserve", "serve the demo model"]),
-    "test": ("Run make test to run the whole test suite.",
-             ["run the tests", "test the project", "run the test suite", "check that the tests pass"]),
-    "auth": ("Send the metadata authorization: Bearer followed by your API key.",
-             ["authenticate", "pass my api key", "send credentials", "use an api key"]),
-    "format": ("Adapters are PEFT folders with adapter_config.json and adapter_model.safetensors.",
-               ["package an adapter", "format an adapter folder", "save an adapter for the server",
-                "prepare adapter files"]),
-    "quantize": ("The base model stays resident in 4-bit NF4 with bitsandbytes.",
-                 ["quantize the base model", "save memory on the base model", "shrink the base model",
-                  "run the base model in 4 bits"]),
+    "load": (
+        "Run loraserve adapters load ID, or call AdapterAdmin.LoadAdapter.",
+        ["load an adapter", "load a lora adapter", "hot-load an adapter", "add an adapter to the server"],
+    ),
+    "unload": (
+        "Run loraserve adapters unload ID; requests in flight finish first.",
+        ["unload an adapter", "remove an adapter from memory", "retire an adapter", "evict an adapter"],
+    ),
+    "list": (
+        "Run loraserve adapters list to see every adapter and its tier.",
+        [
+            "list the adapters",
+            "see which adapters are loaded",
+            "show the loaded adapters",
+            "list lora adapters",
+        ],
+    ),
+    "metrics": (
+        "Prometheus metrics are on port 9090 at /metrics.",
+        ["get the metrics", "scrape the prometheus metrics", "find the metrics port", "see the metrics"],
+    ),
+    "port": (
+        "The gRPC server listens on port 50051.",
+        [
+            "find the grpc port",
+            "connect to the grpc server",
+            "reach the server port",
+            "find the server address",
+        ],
+    ),
+    "health": (
+        "Run loraserve health; it exits 0 when the server is SERVING.",
+        [
+            "check the server health",
+            "know if the server is ready",
+            "check that the server is up",
+            "run a health check",
+        ],
+    ),
+    "train": (
+        "Run loraserve train with --data FILE.jsonl and --adapter-id ID.",
+        ["train an adapter", "fine-tune a new adapter", "make my own adapter", "train a lora adapter"],
+    ),
+    "start": (
+        "Run make serve to build the demo and start the server.",
+        ["start the server", "run the server", "launch loraserve", "serve the demo model"],
+    ),
+    "test": (
+        "Run make test to run the whole test suite.",
+        ["run the tests", "test the project", "run the test suite", "check that the tests pass"],
+    ),
+    "auth": (
+        "Send the metadata authorization: Bearer followed by your API key.",
+        ["authenticate", "pass my api key", "send credentials", "use an api key"],
+    ),
+    "format": (
+        "Adapters are PEFT folders with adapter_config.json and adapter_model.safetensors.",
+        [
+            "package an adapter",
+            "format an adapter folder",
+            "save an adapter for the server",
+            "prepare adapter files",
+        ],
+    ),
+    "quantize": (
+        "The base model stays resident in 4-bit NF4 with bitsandbytes.",
+        [
+            "quantize the base model",
+            "save memory on the base model",
+            "shrink the base model",
+            "run the base model in 4 bits",
+        ],
+    ),
 }
 QUESTION_TEMPLATES = [
-    "How do I {}?", "How can I {}?", "What is the way to {}?", "Tell me how to {}.", "Explain how to {}.",
-    "I want to {}. What should I do?", "Can you show me how to {}?", "What command do I use to {}?",
+    "How do I {}?",
+    "How can I {}?",
+    "What is the way to {}?",
+    "Tell me how to {}.",
+    "Explain how to {}.",
+    "I want to {}. What should I do?",
+    "Can you show me how to {}?",
+    "What command do I use to {}?",
 ]
 
 

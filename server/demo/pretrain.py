@@ -51,7 +51,8 @@ def pretrain(
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
     warmup = max(1, steps // 20)
     schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))
+        optimizer,
+        lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)),
     )
     losses: list[float] = []
     started = time.perf_counter()
@@ -71,5 +72,9 @@ def pretrain(
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
-    return {"steps": steps, "seconds": round(time.perf_counter() - started, 1), "loss_curve": losses[::10],
-            "final_loss": sum(losses[-20:]) / len(losses[-20:])}
+    return {
+        "steps": steps,
+        "seconds": round(time.perf_counter() - started, 1),
+        "loss_curve": losses[::10],
+        "final_loss": sum(losses[-20:]) / len(losses[-20:]),
+    }

@@ -11,8 +11,15 @@ import pytest
 from clients.api import loraserve_pb2 as pb2
 from tests.helpers import PROMPTS, ServerThread
 
-LIMITS = {"max_prompt_tokens": 64, "max_prompt_chars": 2000, "max_messages": 8, "max_stop_sequences": 4,
-          "max_stop_sequence_chars": 32, "max_request_seconds": 60.0, "max_lora_rank": 8}
+LIMITS = {
+    "max_prompt_tokens": 64,
+    "max_prompt_chars": 2000,
+    "max_messages": 8,
+    "max_stop_sequences": 4,
+    "max_stop_sequence_chars": 32,
+    "max_request_seconds": 60.0,
+    "max_lora_rank": 8,
+}
 INV, NF, FP = grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND, grpc.StatusCode.FAILED_PRECONDITION
 
 
@@ -26,8 +33,9 @@ def gen(prompt: str = "hello", adapter: str = "", sampling: dict | None = None, 
 
 
 def chat(messages: list[tuple[str, str]], adapter: str = "") -> bytes:
-    return pb2.ChatRequest(adapter_id=adapter, messages=[pb2.ChatMessage(role=r, content=c) for r, c in messages]
-                           ).SerializeToString()
+    return pb2.ChatRequest(
+        adapter_id=adapter, messages=[pb2.ChatMessage(role=r, content=c) for r, c in messages]
+    ).SerializeToString()
 
 
 def raw_field(number: int, payload: bytes) -> bytes:
@@ -41,7 +49,12 @@ CASES: dict[str, tuple[str, bytes, grpc.StatusCode, str]] = {
     "empty prompt": ("Generate", gen(""), INV, "prompt is empty"),
     "huge prompt": ("Generate", gen("x" * 5000), INV, "limit is 2000"),
     "prompt over the token limit": ("Generate", gen("hello world " * 60), INV, "limit is 64"),
-    "prompt + max_new_tokens over context": ("Generate", gen(stopping={"max_new_tokens": 1000}), INV, "context of 256"),
+    "prompt + max_new_tokens over context": (
+        "Generate",
+        gen(stopping={"max_new_tokens": 1000}),
+        INV,
+        "context of 256",
+    ),
     "negative temperature": ("Generate", gen(sampling={"temperature": -0.5}), INV, "sampling.temperature"),
     "NaN temperature": ("Generate", gen(sampling={"temperature": NAN}), INV, "sampling.temperature"),
     "infinite temperature": ("Generate", gen(sampling={"temperature": INF}), INV, "sampling.temperature"),
@@ -50,14 +63,44 @@ CASES: dict[str, tuple[str, bytes, grpc.StatusCode, str]] = {
     "top_p above one": ("Generate", gen(sampling={"top_p": 1.5}), INV, "sampling.top_p"),
     "top_p NaN": ("Generate", gen(sampling={"top_p": NAN}), INV, "sampling.top_p"),
     "negative top_p": ("Generate", gen(sampling={"top_p": -0.1}), INV, "sampling.top_p"),
-    "zero repetition penalty": ("Generate", gen(sampling={"repetition_penalty": 0.0}), INV, "repetition_penalty"),
-    "negative repetition penalty": ("Generate", gen(sampling={"repetition_penalty": -2}), INV, "repetition_penalty"),
-    "infinite repetition penalty": ("Generate", gen(sampling={"repetition_penalty": INF}), INV, "repetition_penalty"),
-    "too many stop sequences": ("Generate", gen(stopping={"stop_sequences": list("abcde")}), INV, "limit is 4"),
-    "empty stop sequence": ("Generate", gen(stopping={"stop_sequences": ["ok", ""]}), INV, "stop_sequences[1] is empty"),
+    "zero repetition penalty": (
+        "Generate",
+        gen(sampling={"repetition_penalty": 0.0}),
+        INV,
+        "repetition_penalty",
+    ),
+    "negative repetition penalty": (
+        "Generate",
+        gen(sampling={"repetition_penalty": -2}),
+        INV,
+        "repetition_penalty",
+    ),
+    "infinite repetition penalty": (
+        "Generate",
+        gen(sampling={"repetition_penalty": INF}),
+        INV,
+        "repetition_penalty",
+    ),
+    "too many stop sequences": (
+        "Generate",
+        gen(stopping={"stop_sequences": list("abcde")}),
+        INV,
+        "limit is 4",
+    ),
+    "empty stop sequence": (
+        "Generate",
+        gen(stopping={"stop_sequences": ["ok", ""]}),
+        INV,
+        "stop_sequences[1] is empty",
+    ),
     "over-long stop sequence": ("Generate", gen(stopping={"stop_sequences": ["y" * 40]}), INV, "limit is 32"),
     "negative time limit": ("Generate", gen(stopping={"max_time_seconds": -1}), INV, "max_time_seconds"),
-    "time limit above the server's": ("Generate", gen(stopping={"max_time_seconds": 1e6}), INV, "max_time_seconds"),
+    "time limit above the server's": (
+        "Generate",
+        gen(stopping={"max_time_seconds": 1e6}),
+        INV,
+        "max_time_seconds",
+    ),
     "NaN time limit": ("Generate", gen(stopping={"max_time_seconds": NAN}), INV, "max_time_seconds"),
     "adapter ../x": ("Generate", gen(adapter="../x"), INV, "adapter_id"),
     "adapter /etc/passwd": ("Generate", gen(adapter="/etc/passwd"), INV, "adapter_id"),
@@ -85,22 +128,45 @@ CASES: dict[str, tuple[str, bytes, grpc.StatusCode, str]] = {
     "chat: invalid UTF-8 role": ("Chat", raw_field(2, raw_field(1, b"\xc3\x28")), INV, "invalid UTF-8"),
     "chat stream: bad role": ("ChatStream", chat([("admin", "hi")]), INV, "messages[0].role"),
     "tokenize: empty prompt": ("Tokenize", pb2.TokenizeRequest().SerializeToString(), INV, "prompt is empty"),
-    "load: empty id": ("LoadAdapter", pb2.LoadAdapterRequest().SerializeToString(), INV, "adapter_id is empty"),
-    "load: traversal": ("LoadAdapter", pb2.LoadAdapterRequest(adapter_id="../../etc").SerializeToString(), INV,
-                        "adapter_id"),
-    "load: unknown": ("LoadAdapter", pb2.LoadAdapterRequest(adapter_id="ghost").SerializeToString(), NF, "not found"),
-    "load: too large rank": ("LoadAdapter", pb2.LoadAdapterRequest(adapter_id="a5").SerializeToString(), FP,
-                             "max_lora_rank"),
-    "unload: not loaded": ("UnloadAdapter", pb2.UnloadAdapterRequest(adapter_id="a6").SerializeToString(), NF,
-                           "not loaded"),
+    "load: empty id": (
+        "LoadAdapter",
+        pb2.LoadAdapterRequest().SerializeToString(),
+        INV,
+        "adapter_id is empty",
+    ),
+    "load: traversal": (
+        "LoadAdapter",
+        pb2.LoadAdapterRequest(adapter_id="../../etc").SerializeToString(),
+        INV,
+        "adapter_id",
+    ),
+    "load: unknown": (
+        "LoadAdapter",
+        pb2.LoadAdapterRequest(adapter_id="ghost").SerializeToString(),
+        NF,
+        "not found",
+    ),
+    "load: too large rank": (
+        "LoadAdapter",
+        pb2.LoadAdapterRequest(adapter_id="a5").SerializeToString(),
+        FP,
+        "max_lora_rank",
+    ),
+    "unload: not loaded": (
+        "UnloadAdapter",
+        pb2.UnloadAdapterRequest(adapter_id="a6").SerializeToString(),
+        NF,
+        "not loaded",
+    ),
 }
 SERVICE = {"LoadAdapter": "AdapterAdmin", "UnloadAdapter": "AdapterAdmin"}
 
 
 @pytest.fixture(scope="module")
 def strict_server(toy):
-    with ServerThread(model=str(toy.base), adapters_dir=toy.store, max_loaded_adapters=2,
-                      kv_cache_bytes=4 << 20, **LIMITS) as srv:
+    with ServerThread(
+        model=str(toy.base), adapters_dir=toy.store, max_loaded_adapters=2, kv_cache_bytes=4 << 20, **LIMITS
+    ) as srv:
         channel = grpc.insecure_channel(srv.target)
         srv.channel = channel
         yield srv
@@ -139,7 +205,9 @@ def test_server_is_healthy_and_correct_after_the_corpus(strict_server, peft_ref)
         assert client.health() == "SERVING"
         for adapter in ["", "a1", "org/a2"]:
             ids = peft_ref.tokenizer(PROMPTS[0])["input_ids"]
-            assert client.generate(PROMPTS[0], adapter, max_new_tokens=8).token_ids == peft_ref.generate(ids, adapter, 8)
+            assert client.generate(PROMPTS[0], adapter, max_new_tokens=8).token_ids == peft_ref.generate(
+                ids, adapter, 8
+            )
     engine = strict_server.engine
     assert engine.in_flight == 0 and engine.blocks.num_free == engine.blocks.num_blocks
     errors = strict_server.metrics.request_errors

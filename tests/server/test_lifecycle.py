@@ -1,0 +1,175 @@
+"""Start-up, health, reflection, config errors and graceful drain on SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import grpc
+import pytest
+from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+
+from clients import Client, Unavailable
+from server import app as app_module
+from server.config import ServerConfig
+from tests.helpers import free_port
+
+
+def test_health_is_not_serving_until_the_model_is_loaded(toy, monkeypatch) -> None:
+    gate = threading.Event()
+    real_load = app_module.load_base_model
+
+    def slow_load(*args, **kwargs):
+        gate.wait(30)
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(app_module, "load_base_model", slow_load)
+    config = ServerConfig(model=str(toy.base), port=0, metrics_port=0, device="cpu", kv_cache_bytes=2 << 20)
+    loop = asyncio.new_event_loop()
+    server = app_module.LoraServer(config)
+    threading.Thread(target=loop.run_forever, daemon=True).start()
+    port = asyncio.run_coroutine_threadsafe(server.start(), loop).result(30)
+    try:
+        with Client(f"127.0.0.1:{port}", retries=0) as client:
+            assert client.health() == "NOT_SERVING"
+            assert client.health("loraserve.v1.Inference") == "NOT_SERVING"
+            with pytest.raises(Unavailable, match="starting"):
+                client.generate("hello", max_new_tokens=2)
+            gate.set()
+            client.wait_until_serving(60)
+            assert client.generate("hello", max_new_tokens=2).usage.completion_tokens == 2
+            channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+            services = ProtoReflectionDescriptorDatabase(channel).get_services()
+            assert {"loraserve.v1.Inference", "loraserve.v1.AdapterAdmin", "grpc.health.v1.Health"} <= set(
+                services
+            )
+            channel.close()
+    finally:
+        gate.set()
+        asyncio.run_coroutine_threadsafe(server.drain(0), loop).result(30)
+        loop.call_soon_threadsafe(loop.stop)
+
+
+def _serve(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "server.cli", "serve", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, **(env or {})},
+    )
+
+
+@pytest.mark.parametrize(
+    "args, env, message",
+    [
+        (["--model", "/nonexistent/model"], {}, "--model: model directory not found: /nonexistent/model"),
+        (["--quantization", "nf5"], {}, "--quantization: Input should be 'nf4', 'fp4', 'int8' or 'none'"),
+        ([], {"LORASERVE_QUANTIZATION": "q2"}, "--quantization:"),
+        (["--port", "70000"], {}, "--port:"),
+        (["--host", "0.0.0.0"], {}, "not loopback and no api_keys_file"),
+        (["--tls-cert-file", "/no/cert.pem"], {}, "tls_cert_file: file not found"),
+        (["--max-loaded-adapters", "0"], {}, "--max-loaded-adapters:"),
+    ],
+)
+def test_config_errors_exit_with_one_line(toy, args, env, message) -> None:
+    base = [] if "--model" in args else ["--model", str(toy.base)]
+    run = _serve(*base, *args, env=env)
+    assert run.returncode == 2, run.stderr
+    lines = [line for line in run.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("loraserve: error:"), run.stderr
+    assert message in lines[0]
+
+
+def test_flags_override_environment(monkeypatch) -> None:
+    from server.cli import build_parser, config_from_args
+
+    monkeypatch.setenv("LORASERVE_MAX_LORA_RANK", "32")
+    monkeypatch.setenv("LORASERVE_PORT", "6000")
+    args = build_parser().parse_args(["serve", "--port", "7000", "--no-warmup"])
+    config = config_from_args(args)
+    assert (config.port, config.max_lora_rank, config.warmup) == (7000, 32, False)
+
+
+def _wait_serving(target: str, process: subprocess.Popen, timeout: float = 90) -> None:
+    deadline = time.monotonic() + timeout
+    with Client(target, retries=0) as client:
+        while time.monotonic() < deadline:
+            assert process.poll() is None, process.stderr.read()
+            try:
+                if client.health(timeout=1) == "SERVING":
+                    return
+            except Exception:  # noqa: BLE001 - not up yet
+                pass
+            time.sleep(0.2)
+    raise TimeoutError("server did not become SERVING")
+
+
+def test_sigterm_drains_in_flight_streams_then_exits_zero(toy) -> None:
+    port = free_port()
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "server.cli",
+            "serve",
+            "--model",
+            str(toy.base),
+            "--adapters-dir",
+            str(toy.store),
+            "--port",
+            str(port),
+            "--metrics-port",
+            "0",
+            "--max-num-seqs",
+            "1",
+            "--kv-cache-bytes",
+            str(4 << 20),
+            "--drain-seconds",
+            "60",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    target = f"127.0.0.1:{port}"
+    try:
+        _wait_serving(target, process)
+        results: dict[int, object] = {}
+        first_chunk = threading.Event()
+
+        def stream(i: int) -> None:
+            with Client(target, retries=0) as client:
+                try:
+                    chunks = []
+                    for chunk in client.generate_stream(
+                        "hi", ["a1", "org/a2", ""][i], max_new_tokens=240, ignore_eos=True
+                    ):
+                        chunks.append(chunk)
+                        first_chunk.set()
+                    results[i] = sum(len(c.token_ids) for c in chunks)
+                except Exception as error:  # noqa: BLE001 - recorded for the assertion
+                    results[i] = error
+
+        threads = [threading.Thread(target=stream, args=(i,)) for i in range(3)]
+        for thread in threads:
+            thread.start()
+        assert first_chunk.wait(60)
+        time.sleep(0.05)
+        process.send_signal(signal.SIGTERM)
+        time.sleep(0.3)
+        with Client(target, retries=0) as client, pytest.raises(Unavailable):
+            client.generate("new work", max_new_tokens=2)
+        for thread in threads:
+            thread.join(120)
+        assert results == {0: 240, 1: 240, 2: 240}
+        assert process.wait(60) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+        process.wait()
