@@ -353,7 +353,8 @@ def train_cli(args: Any) -> int:
     first = sum(result.losses[:10]) / min(10, len(result.losses))
     last = sum(result.losses[-10:]) / min(10, len(result.losses))
     print(
-        f"trained {config.adapter_id}: {result.steps} steps in {result.seconds:.1f} s, loss {first:.3f} -> {last:.3f}"
+        f"trained {config.adapter_id}: {result.steps} steps in {result.seconds:.1f} s, "
+        f"loss {first:.3f} -> {last:.3f}"
     )
     if result.eval_exact_match is not None:
         print(f"held-out exact match: {result.eval_exact_match:.1%} of {result.eval_examples}")

@@ -52,7 +52,7 @@ ADJECTIVES = [
     ("verde", "verde", "verdes", "verdes", "green"),
     ("feliz", "feliz", "felizes", "felizes", "happy"),
 ]
-# determiner: (masculine singular, feminine singular, masculine plural, feminine plural, english sg, english pl)
+# determiner: (pt masculine/feminine singular, masculine/feminine plural, english singular, plural)
 DETERMINERS = [("o", "a", "os", "as", "the", "the"), ("um", "uma", "uns", "umas", "a", "some")]
 
 

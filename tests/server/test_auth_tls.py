@@ -106,9 +106,11 @@ def test_mtls_with_the_client_and_the_cli(toy, pki) -> None:
             srv.target, ca_cert=pki["ca.pem"], client_cert=pki["client.pem"], client_key=pki["client.key"]
         ) as client:
             assert client.generate("hi", max_new_tokens=2).usage.completion_tokens == 2
-        with Client(srv.target, ca_cert=pki["ca.pem"], retries=0, timeout=5) as anonymous:
-            with pytest.raises(Unavailable):
-                anonymous.generate("hi", max_new_tokens=2)
+        with (
+            Client(srv.target, ca_cert=pki["ca.pem"], retries=0, timeout=5) as anonymous,
+            pytest.raises(Unavailable),
+        ):
+            anonymous.generate("hi", max_new_tokens=2)
         run = subprocess.run(
             [
                 sys.executable,
