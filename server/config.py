@@ -9,12 +9,13 @@ the environment itself.
 from __future__ import annotations
 
 import ipaddress
+import json
 import os
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, ValidationError, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 Quantization = Literal["nf4", "fp4", "int8", "none"]
 DeviceName = Literal["auto", "cpu", "cuda"]
@@ -59,7 +60,7 @@ class ServerConfig(BaseSettings):
     max_host_adapter_bytes: int = Field(
         2 * 1024**3, ge=0, description="Host-memory budget for adapters not in a device slot (LRU)."
     )
-    lora_target_modules: list[str] | None = Field(
+    lora_target_modules: Annotated[list[str] | None, NoDecode] = Field(
         None,
         description="Base modules adapters may target (comma-separated leaf names). Default: every "
         "linear layer of the decoder layers.",
@@ -126,6 +127,8 @@ class ServerConfig(BaseSettings):
     @classmethod
     def _split_modules(cls, value: object) -> object:
         if isinstance(value, str):
+            if value.strip().startswith("["):
+                return json.loads(value)
             return [part.strip() for part in value.split(",") if part.strip()]
         return value
 

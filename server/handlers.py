@@ -97,8 +97,15 @@ def _cancel_code(context: grpc.aio.ServicerContext) -> grpc.StatusCode:
 
 
 async def _fail(gate: Gate, context: grpc.aio.ServicerContext, call: Call, error: Exception) -> None:
-    if not isinstance(error, ServeError):
-        log.error("request %s (%s) failed", call.request_id, call.method, exc_info=error)
+    if not isinstance(error, ServeError) or isinstance(error, InternalError):
+        # Details stay in the log; the client gets the request id to quote.
+        log.error(
+            "request %s (%s) failed: %s",
+            call.request_id,
+            call.method,
+            error,
+            exc_info=error if not isinstance(error, ServeError) else None,
+        )
         error = InternalError(f"internal error while serving the request (request id {call.request_id})")
     code = _code_of(error)
     _count_error(gate, code)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from typing import Any
 
 import grpc
@@ -47,6 +48,7 @@ ADAPTER_STATES = {
 # Prompts longer than this are tokenized off the event loop.
 INLINE_TOKENIZE_CHARS = 8192
 ADMIN_LOAD_TIMEOUT_SECONDS = 120.0
+DEADLINE_GRACE_SECONDS = 1.0
 
 
 def usage(out: SequenceOutput) -> pb2.Usage:
@@ -96,9 +98,12 @@ class InferenceService:
         stopping = check_stopping(
             request.stopping, request.HasField("stopping"), len(prompt_ids), self.limits
         )
+        # The client's deadline cancels the call (and the request, at the engine's next step);
+        # the engine's own time limit is only a backstop a little later, so that the client sees
+        # DEADLINE_EXCEEDED rather than a race with a TIME_LIMIT answer.
         remaining = context.time_remaining()
-        if remaining is not None and remaining < stopping.max_time_seconds:
-            stopping = type(stopping)(**{**stopping.__dict__, "max_time_seconds": max(remaining, 0.0)})
+        if remaining is not None and remaining + DEADLINE_GRACE_SECONDS < stopping.max_time_seconds:
+            stopping = replace(stopping, max_time_seconds=max(remaining, 0.0) + DEADLINE_GRACE_SECONDS)
         generation = GenerationRequest(
             request_id=call.request_id,
             prompt_ids=prompt_ids,

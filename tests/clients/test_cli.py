@@ -1,0 +1,92 @@
+"""The CLI driven as a subprocess against a real server; the client imports without torch."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from clients import Client
+from tests.helpers import free_port
+
+BLOCK_TORCH = """
+import sys
+class Block:
+    def find_spec(self, name, path=None, target=None):
+        if name.split('.')[0] in ('torch', 'transformers', 'peft', 'bitsandbytes'):
+            raise ImportError('blocked for this test: ' + name)
+sys.meta_path.insert(0, Block())
+"""
+
+
+def cli(*args: str, stdin: str | None = None, blocked: bool = False) -> subprocess.CompletedProcess:
+    code = (
+        BLOCK_TORCH if blocked else ""
+    ) + "import sys\nfrom server.cli import main\nsys.exit(main(sys.argv[1:]))"
+    return subprocess.run(
+        [sys.executable, "-c", code, *args], input=stdin, capture_output=True, text=True, timeout=120
+    )
+
+
+def test_generate_streams_and_prints_json(server, client: Client) -> None:
+    expected = client.generate("hello world", "a1", max_new_tokens=6)
+    run = cli("generate", "--target", server.target, "-a", "a1", "-n", "6", "hello world")
+    assert run.returncode == 0, run.stderr
+    assert run.stdout == expected.text + "\n"
+    run = cli("generate", "--target", server.target, "-a", "a1", "-n", "6", "--json", "hello world")
+    result = json.loads(run.stdout)
+    assert result["token_ids"] == expected.token_ids and result["finish_reason"] == expected.finish_reason
+
+
+def test_adapters_list_load_unload(server) -> None:
+    run = cli("adapters", "load", "a4", "--target", server.target)
+    assert run.returncode == 0 and run.stdout.startswith("loaded a4 in"), run.stderr
+    run = cli("adapters", "list", "--target", server.target)
+    assert run.stdout.splitlines()[0].split()[:3] == ["ADAPTER", "STATE", "RANK"]
+    assert any(line.split()[:2] == ["a4", "device"] for line in run.stdout.splitlines())
+    rows = json.loads(cli("adapters", "list", "--all", "--json", "--target", server.target).stdout)
+    assert {"a1", "org/a2", "a3", "a4", "a5", "a6"} <= {row["adapter_id"] for row in rows}
+    run = cli("adapters", "unload", "a4", "--target", server.target)
+    assert run.returncode == 0 and run.stdout.strip() == "unloaded a4"
+
+
+def test_chat_repl_two_turns_with_an_adapter_switch(server, client: Client) -> None:
+    run = cli(
+        "chat",
+        "--target",
+        server.target,
+        "-a",
+        "a1",
+        "-n",
+        "5",
+        "--json",
+        stdin="hi there\n/adapter org/a2\nand now?\n/exit\n",
+    )
+    assert run.returncode == 0, run.stderr
+    events = [json.loads(line) for line in run.stdout.splitlines()]
+    assert [e["adapter"] for e in events] == ["a1", "org/a2", "org/a2"]
+    first = client.chat([("user", "hi there")], "a1", max_new_tokens=5)
+    assert events[0]["text"] == first.text
+    history = [("user", "hi there"), ("assistant", first.text), ("user", "and now?")]
+    assert events[2]["text"] == client.chat(history, "org/a2", max_new_tokens=5).text
+    streamed = cli("chat", "--target", server.target, "-a", "a1", "-n", "5", stdin="hi there\n")
+    assert streamed.returncode == 0 and streamed.stdout == first.text + "\n"
+
+
+def test_errors_are_one_line_and_non_zero(server) -> None:
+    run = cli("generate", "--target", server.target, "-a", "nope", "hi")
+    assert run.returncode == 1
+    assert run.stderr.strip() == "loraserve: NOT_FOUND: adapter 'nope' not found in the adapter store"
+    run = cli("health", "--target", f"127.0.0.1:{free_port()}", "--timeout", "2")
+    assert run.returncode == 1 and run.stderr.count("\n") == 1 and "UNAVAILABLE" in run.stderr
+    assert "Traceback" not in run.stderr
+
+
+def test_client_and_client_commands_work_without_torch(server) -> None:
+    code = BLOCK_TORCH + "import clients, clients.cli\nfrom clients import Client, AsyncClient\nprint('ok')"
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert run.stdout.strip() == "ok", run.stderr
+    run = cli("health", "--target", server.target, blocked=True)
+    assert run.returncode == 0 and run.stdout.strip() == "SERVING", run.stderr
+    run = cli("generate", "--target", server.target, "-n", "3", "hello", blocked=True)
+    assert run.returncode == 0, run.stderr

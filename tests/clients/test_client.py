@@ -1,0 +1,157 @@
+"""Every client method, sync and asyncio, against a real server; typed errors; retries."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import pytest
+
+from clients import (
+    AdapterNotFound,
+    AdapterRejected,
+    AsyncClient,
+    Client,
+    DeadlineExceeded,
+    InvalidRequest,
+    Overloaded,
+    PermissionDenied,
+    ServerError,
+    Unauthenticated,
+    Unavailable,
+)
+from server.auth import key_entry_toml
+from tests.helpers import ServerThread, free_port
+
+
+def test_sync_client_methods(client: Client, peft_ref) -> None:
+    ids = peft_ref.tokenizer("hello world")["input_ids"]
+    result = client.generate("hello world", "a1", max_new_tokens=6)
+    assert result.token_ids == peft_ref.generate(ids, "a1", 6) and result.finish_reason in ("length", "eos")
+    assert result.request_id and result.usage.total_tokens == result.usage.prompt_tokens + 6
+    chunks = list(client.generate_stream("hello world", "a1", max_new_tokens=6))
+    assert "".join(c.text for c in chunks) == result.text and chunks[-1].usage == result.usage
+    answer = client.chat(
+        [{"role": "user", "content": "hi"}, ("assistant", "yo"), ("user", "again")],
+        "org/a2",
+        max_new_tokens=5,
+    )
+    streamed = list(
+        client.chat_stream(
+            [("user", "hi"), ("assistant", "yo"), ("user", "again")], "org/a2", max_new_tokens=5
+        )
+    )
+    assert "".join(c.text for c in streamed) == answer.text
+    tokens = client.tokenize("hello world")
+    assert tokens.token_ids == ids and len(tokens.tokens) == len(ids)
+    assert client.tokenize(messages=[("user", "hi")]).token_ids[0] == peft_ref.tokenizer.bos_token_id
+    info = client.model_info()
+    assert info.architecture == "LlamaForCausalLM" and info.max_loaded_adapters == 2 and info.vocab_size > 256
+    loaded = client.load_adapter("a3")
+    assert loaded.adapter.state == "device" and loaded.load_seconds > 0
+    assert "a3" in {a.adapter_id for a in client.list_adapters()}
+    assert len(client.list_adapters(include_disk=True)) >= 6
+    unloaded = client.unload_adapter("a3")
+    assert unloaded.adapter_id == "a3"
+    assert client.health() == "SERVING"
+    sampled = client.generate(
+        "hello", "a1", max_new_tokens=8, temperature=0.8, top_k=20, top_p=0.9, seed=7, repetition_penalty=1.2
+    )
+    again = client.generate(
+        "hello", "a1", max_new_tokens=8, temperature=0.8, top_k=20, top_p=0.9, seed=7, repetition_penalty=1.2
+    )
+    assert sampled.token_ids == again.token_ids
+
+
+def test_async_client_methods(server, peft_ref) -> None:
+    async def run() -> None:
+        async with AsyncClient(server.target) as client:
+            results = await asyncio.gather(
+                *(client.generate("hello world", a, max_new_tokens=6) for a in ("", "a1", "org/a2", "a4"))
+            )
+            ids = peft_ref.tokenizer("hello world")["input_ids"]
+            for adapter, result in zip(("", "a1", "org/a2", "a4"), results):
+                assert result.token_ids == peft_ref.generate(ids, adapter, 6)
+            chunks = [c async for c in client.generate_stream("hello world", "a1", max_new_tokens=6)]
+            assert "".join(c.text for c in chunks) == results[1].text
+            answer = await client.chat([("user", "hi")], "a1", max_new_tokens=4)
+            streamed = [c async for c in client.chat_stream([("user", "hi")], "a1", max_new_tokens=4)]
+            assert "".join(c.text for c in streamed) == answer.text
+            assert (await client.tokenize("hello world")).token_ids == ids
+            assert (await client.model_info()).quantization == "nf4"
+            assert (await client.load_adapter("a6")).adapter.state == "device"
+            assert "a6" in {a.adapter_id for a in await client.list_adapters()}
+            assert (await client.unload_adapter("a6")).adapter_id == "a6"
+            assert await client.health() == "SERVING"
+            with pytest.raises(AdapterNotFound):
+                await client.generate("hi", "nope")
+            with pytest.raises(InvalidRequest):
+                async for _ in client.generate_stream("", "a1"):
+                    pass
+
+    asyncio.run(run())
+
+
+def test_each_status_has_its_typed_error(toy, tmp_path, monkeypatch) -> None:
+    keys = tmp_path / "keys.toml"
+    keys.write_text(key_entry_toml("lsk_k", "t", ["a1"], admin=False))
+    with ServerThread(
+        model=str(toy.base),
+        adapters_dir=toy.store,
+        api_keys_file=keys,
+        max_lora_rank=8,
+        max_queue_per_tenant=1,
+        max_num_seqs=1,
+        kv_cache_bytes=2 << 20,
+    ) as srv:
+        with Client(srv.target, api_key="lsk_k", retries=0) as client:
+            with pytest.raises(InvalidRequest):
+                client.generate("", "a1")
+            with pytest.raises(PermissionDenied):
+                client.generate("hi", "a3")
+            with pytest.raises(PermissionDenied):
+                client.list_adapters()
+            with pytest.raises(DeadlineExceeded):
+                client.generate("hi", "a1", max_new_tokens=200, ignore_eos=True, timeout=0.001)
+            deadline = time.monotonic() + 10
+            while srv.engine.in_flight and time.monotonic() < deadline:  # the cancelled one leaves the engine
+                time.sleep(0.01)
+            # One request in flight for this tenant is its limit: a second one is refused at once.
+            stream = client.generate_stream("hi", "a1", max_new_tokens=200, ignore_eos=True)
+            next(stream)
+            with pytest.raises(Overloaded, match="limit"):
+                client.generate("hi", "a1", max_new_tokens=2)
+            stream.close()
+        with Client(srv.target, retries=0) as anonymous, pytest.raises(Unauthenticated):
+            anonymous.generate("hi", "a1")
+    with ServerThread(
+        model=str(toy.base), adapters_dir=toy.store, max_lora_rank=8, kv_cache_bytes=2 << 20
+    ) as srv, Client(srv.target, retries=0) as client:
+        with pytest.raises(AdapterNotFound):
+            client.generate("hi", "missing")
+        with pytest.raises(AdapterRejected, match="max_lora_rank"):
+            client.generate("hi", "a5")
+        monkeypatch.setattr(srv.engine.runner, "execute", lambda batch: 1 / 0)
+        with pytest.raises(ServerError):
+            client.generate("hi")
+    with Client(f"127.0.0.1:{free_port()}", retries=0, timeout=2) as nowhere, pytest.raises(Unavailable):
+        nowhere.generate("hi")
+
+
+def test_retries_until_the_server_is_up(toy) -> None:
+    port = free_port()
+    holder: dict[str, ServerThread] = {}
+
+    def start_later() -> None:
+        time.sleep(1.0)
+        holder["server"] = ServerThread(model=str(toy.base), port=port, kv_cache_bytes=2 << 20).start()
+
+    thread = threading.Thread(target=start_later)
+    thread.start()
+    try:
+        with Client(f"127.0.0.1:{port}", retries=10, backoff=0.3, max_backoff=1.0) as client:
+            assert client.generate("hello", max_new_tokens=2).usage.completion_tokens == 2
+    finally:
+        thread.join()
+        holder["server"].stop()
