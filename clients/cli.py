@@ -284,3 +284,26 @@ def add_client_commands(commands: argparse._SubParsersAction) -> None:
     p.add_argument("text")
     add_connection_flags(p)
     p.set_defaults(func=cmd_tokenize)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`loraserve-client`: the client commands alone (the client-only distribution's script)."""
+    from clients.errors import LoraserveError
+
+    parser = argparse.ArgumentParser(prog="loraserve-client", description="Client of a loraserve server.")
+    add_client_commands(parser.add_subparsers(dest="command", required=True, metavar="COMMAND"))
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except LoraserveError as error:
+        print(f"loraserve: {error}", file=sys.stderr)
+        return 1
+    except (OSError, ValueError) as error:
+        print(f"loraserve: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -58,3 +58,29 @@ def test_support_bot_answers_and_adapters_differ(demo, demo_client: Client) -> N
     }
     assert outputs["pt-en"].strip() == "the black cat"
     assert len(set(outputs.values())) == 3
+
+
+def test_client_examples_against_the_demo(demo_client: Client) -> None:
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    examples = Path(__file__).resolve().parent.parent / "clients" / "examples"
+    target = demo_client.options.target
+
+    def run(name: str, *args: str, stdin: str | None = None) -> str:
+        done = subprocess.run(
+            [sys.executable, str(examples / name), "--target", target, *args],
+            input=stdin,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert done.returncode == 0, done.stderr
+        return done.stdout
+
+    assert run("translate_service.py", "o gato preto").strip() == "o gato preto -> the black cat"
+    answer = run("support_chatbot.py", stdin="How do I load an adapter?\n").strip()
+    assert answer == "Run loraserve adapters load ID, or call AdapterAdmin.LoadAdapter."
+    output = run("mixed_adapters_async.py")
+    assert "7 requests on 4 adapters" in output and "'the black cat'" in output

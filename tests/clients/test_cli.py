@@ -90,3 +90,40 @@ def test_client_and_client_commands_work_without_torch(server) -> None:
     assert run.returncode == 0 and run.stdout.strip() == "SERVING", run.stderr
     run = cli("generate", "--target", server.target, "-n", "3", "hello", blocked=True)
     assert run.returncode == 0, run.stderr
+
+
+def test_client_distribution_installs_alone(server, tmp_path) -> None:
+    """`pip install ./clients` in a fresh venv: no torch, and its CLI talks to the server."""
+    import venv
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    env_dir = tmp_path / "venv"
+    venv.EnvBuilder(with_pip=True).create(env_dir)
+    pip = subprocess.run(
+        [str(env_dir / "bin" / "pip"), "install", "-q", str(root / "clients")],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert pip.returncode == 0, pip.stderr
+    listed = subprocess.run([str(env_dir / "bin" / "pip"), "list"], capture_output=True, text=True).stdout
+    assert "torch" not in listed and "transformers" not in listed and "loraserve-client" in listed
+    run = subprocess.run(
+        [
+            str(env_dir / "bin" / "loraserve-client"),
+            "generate",
+            "--target",
+            server.target,
+            "-n",
+            "3",
+            "--json",
+            "hello",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
+    )
+    assert run.returncode == 0, run.stderr
+    assert len(json.loads(run.stdout)["token_ids"]) == 3

@@ -125,9 +125,12 @@ def test_each_status_has_its_typed_error(toy, tmp_path, monkeypatch) -> None:
             stream.close()
         with Client(srv.target, retries=0) as anonymous, pytest.raises(Unauthenticated):
             anonymous.generate("hi", "a1")
-    with ServerThread(
-        model=str(toy.base), adapters_dir=toy.store, max_lora_rank=8, kv_cache_bytes=2 << 20
-    ) as srv, Client(srv.target, retries=0) as client:
+    with (
+        ServerThread(
+            model=str(toy.base), adapters_dir=toy.store, max_lora_rank=8, kv_cache_bytes=2 << 20
+        ) as srv,
+        Client(srv.target, retries=0) as client,
+    ):
         with pytest.raises(AdapterNotFound):
             client.generate("hi", "missing")
         with pytest.raises(AdapterRejected, match="max_lora_rank"):
