@@ -30,6 +30,7 @@ demo: install
 	$(BIN)/loraserve demo
 
 test: install
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 lint: install

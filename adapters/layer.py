@@ -18,6 +18,7 @@ from torch import nn
 
 from adapters.ops import LoRAPlan, apply_lora, make_plan
 from adapters.weights import AdapterWeights
+from server.errors import FailedPrecondition
 
 DECODER_LAYER_NAME = re.compile(r"(^|\.)layers\.\d+\.")
 
@@ -75,6 +76,7 @@ class SlotTable:
     layers: dict[str, LoRALinear] = field(default_factory=dict)
     shapes: dict[str, tuple[int, int]] = field(default_factory=dict)  # name -> (in, out)
     rank_of_slot: list[int] = field(default_factory=list)
+    slot_modules: list[set[str]] = field(default_factory=list)  # modules with non-zero weights per slot
     context: LoRAContext = field(default_factory=LoRAContext)
 
     @classmethod
@@ -88,13 +90,24 @@ class SlotTable:
         leaves: list[str] | None = None,
     ) -> SlotTable:
         """Wraps the target layers of `model` in place and allocates the slot buffers."""
-        table = cls(num_slots, max_rank, dtype, device, rank_of_slot=[0] * num_slots)
+        table = cls(
+            num_slots,
+            max_rank,
+            dtype,
+            device,
+            rank_of_slot=[0] * num_slots,
+            slot_modules=[set() for _ in range(num_slots)],
+        )
         targets = find_lora_targets(model, leaves)
         if not targets:
             raise ValueError("no linear layers to adapt were found in the model's decoder layers")
         for name, linear in targets.items():
             a = torch.zeros(num_slots, max_rank, linear.in_features, dtype=dtype, device=device)
-            b = torch.zeros(num_slots, linear.out_features, max_rank, dtype=dtype, device=device)
+            # B is [slots, out, r_max] but stored as its transpose [slots, r_max, out]: the expand
+            # matmul (h @ Bᵀ) then reads each slot's rows contiguously, about twice as fast on CPU.
+            b = torch.zeros(num_slots, max_rank, linear.out_features, dtype=dtype, device=device).transpose(
+                1, 2
+            )
             wrapper = LoRALinear(linear, a, b, table.context)
             parent_name, _, leaf = name.rpartition(".")
             setattr(model.get_submodule(parent_name), leaf, wrapper)
@@ -112,20 +125,40 @@ class SlotTable:
         return sum(self.max_rank * (i + o) for i, o in self.shapes.values()) * element
 
     def set_slot(self, slot: int, weights: AdapterWeights) -> None:
-        """Copies an adapter into a slot; modules it does not adapt are zero (add nothing)."""
-        self.clear_slot(slot)
-        for name, module in weights.modules.items():
-            layer = self.layers[name]
+        """Copies an adapter into a slot, converting to the slot dtype and folding the LoRA scale
+        into B. Modules it does not adapt are zero (add nothing). Refuses non-finite weights,
+        leaving the slot empty. Each element is written once: this is the adapter-load hot path."""
+        sums = []
+        for name, layer in self.layers.items():
+            module = weights.modules.get(name)
+            if module is None:
+                if name in self.slot_modules[slot]:
+                    layer.lora_a[slot].zero_()
+                    layer.lora_b[slot].zero_()
+                continue
             r = module.rank
-            layer.lora_a[slot, :r].copy_(module.a, non_blocking=True)
-            layer.lora_b[slot, :, :r].copy_(module.b, non_blocking=True)
+            a, b = layer.lora_a[slot], layer.lora_b[slot]  # [r_max, in], [out, r_max]
+            a[:r].copy_(module.a)
+            if module.b.device == b.device:
+                torch.mul(module.b, module.scale, out=b[:, :r])
+            else:
+                b[:, :r].copy_(module.b).mul_(module.scale)
+            if r < self.max_rank:
+                a[r:].zero_()
+                b[:, r:].zero_()
+            sums += [a[:r].sum(), b[:, :r].sum()]  # NaN or infinity anywhere makes its sum non-finite
+        self.slot_modules[slot] = set(weights.modules)
         self.rank_of_slot[slot] = weights.max_rank
+        if sums and not bool(torch.isfinite(torch.stack(sums)).all()):
+            self.clear_slot(slot)
+            raise FailedPrecondition("LoRA weights contain NaN or infinity")
 
     def clear_slot(self, slot: int) -> None:
         for layer in self.layers.values():
             layer.lora_a[slot].zero_()
             layer.lora_b[slot].zero_()
         self.rank_of_slot[slot] = 0
+        self.slot_modules[slot] = set()
 
     def set_batch(self, slot_of_token: list[int]) -> None:
         """Sets the token->slot mapping of the coming forward pass (once per step)."""

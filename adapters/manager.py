@@ -130,7 +130,11 @@ class AdapterManager:
             slot = self._free_slot()
             if slot is None:
                 return None
-            self.slots.set_slot(slot, entry.weights)
+            try:
+                self.slots.set_slot(slot, entry.weights)
+            except ServeError as error:  # e.g. non-finite weights, found while copying
+                self._fail(entry, error)
+                raise
             entry.slot = slot
             self._owners[slot] = entry
             self._touch(entry)
@@ -296,7 +300,7 @@ class AdapterManager:
             entry.loading = self._executor.submit(self._read, entry)
 
     def _read(self, entry: AdapterEntry) -> None:
-        """Worker thread: read, validate and convert; then publish under the lock."""
+        """Worker thread: read and validate (no tensor arithmetic); then publish under the lock."""
         started = time.perf_counter()
         try:
             weights = read_adapter_weights(
@@ -304,7 +308,6 @@ class AdapterManager:
                 entry.files.weights,
                 self.slots.shapes,
                 self.slots.max_rank,
-                self.slots.dtype,
             )
             if not weights.modules:
                 raise FailedPrecondition(f"adapter {entry.adapter_id!r} adapts no module")
@@ -321,11 +324,7 @@ class AdapterManager:
         with self._lock:
             entry.loading = None
             if error is not None:
-                log.warning("adapter %s refused: %s", entry.adapter_id, error.message)
-                entry.error = error
-                self._failed[entry.adapter_id] = (entry.fingerprint, error)
-                if self._entries.get(entry.adapter_id) is entry:
-                    del self._entries[entry.adapter_id]
+                self._fail(entry, error)
             elif not entry.retired:
                 self._check_base(entry, weights)
                 entry.weights = weights
@@ -347,6 +346,16 @@ class AdapterManager:
                 )
             self._report()
         self.wake()
+
+    def _fail(self, entry: AdapterEntry, error: ServeError) -> None:
+        """An adapter refused: its requests fail, and so will new ones until its files change."""
+        log.warning("adapter %s refused: %s", entry.adapter_id, error.message)
+        entry.error = error
+        self._failed[entry.adapter_id] = (entry.fingerprint, error)
+        self._host.pop(entry, None)
+        entry.weights = None
+        if self._entries.get(entry.adapter_id) is entry:
+            del self._entries[entry.adapter_id]
 
     def _check_base(self, entry: AdapterEntry, weights: AdapterWeights) -> None:
         declared = weights.config.base_model_name_or_path

@@ -1,18 +1,24 @@
-"""Reads one adapter's safetensors, checks every tensor against the base, and prepares it for slots.
+"""Reads one adapter's safetensors and checks every tensor against the base, without computing.
 
-The result holds, per adapted base module, `a` [r, in] and `b` [out, r] with the LoRA scale
-already folded into `b`, in the serving dtype on the CPU: what a device slot copy needs.
-Every refusal names the tensor or field at fault.
+The result holds, per adapted base module, `a` [r, in] and `b` [out, r] as zero-copy views of
+the file's bytes in their stored dtype, and the module's LoRA scale. This runs on adapter-load
+worker threads, so it does no tensor arithmetic (which would start a second OpenMP thread team
+beside the engine's and slow every engine step): dtype conversion, scaling and the finiteness
+check happen while copying into a device slot (adapters.layer.SlotTable.set_slot), on the
+engine's thread. Every refusal names the tensor or field at fault.
 """
 
 from __future__ import annotations
 
+import json
+import math
+import os
 import re
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
 
 from adapters.peft_config import LoraAdapterConfig, read_adapter_config
 from server.errors import FailedPrecondition
@@ -27,12 +33,21 @@ REFUSED_KEYS = (
 )
 
 
+SAFETENSORS_DTYPES = {
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "F64": torch.float64,
+}
+MAX_HEADER_BYTES = 100 * 1024 * 1024
+
+
 @dataclass(frozen=True)
 class ModuleLoRA:
-    """LoRA factors of one base module: y += x @ a.T @ b.T (scale folded into b)."""
+    """LoRA factors of one base module: y += scale * x @ a.T @ b.T."""
 
-    a: torch.Tensor  # [r, in]
-    b: torch.Tensor  # [out, r], times the module's scale
+    a: torch.Tensor  # [r, in], stored dtype
+    b: torch.Tensor  # [out, r], stored dtype
     scale: float
 
     @property
@@ -70,12 +85,51 @@ def _refusal_for(key: str) -> str | None:
 
 
 def load_tensors(path: Path) -> dict[str, torch.Tensor]:
-    """All tensors of a safetensors file, or FailedPrecondition when it is not one."""
+    """All tensors of a safetensors file as zero-copy views of its bytes (no tensor arithmetic).
+
+    The format: an 8-byte little-endian header length, a JSON header mapping names to dtype,
+    shape and byte offsets, then the data. Anything inconsistent is FailedPrecondition.
+    """
+
+    def bad(why: str) -> FailedPrecondition:
+        return FailedPrecondition(f"{path.name} is not a valid safetensors file: {why}")
+
     try:
-        with safe_open(str(path), framework="pt", device="cpu") as handle:
-            return {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
-    except (SafetensorError, OSError, ValueError, RuntimeError) as error:
-        raise FailedPrecondition(f"{path.name} is not a valid safetensors file: {error}") from None
+        with open(path, "rb") as handle:
+            data = bytearray(os.fstat(handle.fileno()).st_size)
+            handle.readinto(data)  # one copy, into a writable buffer the tensors can view
+    except OSError as error:
+        raise bad(str(error)) from None
+    if len(data) < 8:
+        raise bad("shorter than its header")
+    (header_len,) = struct.unpack("<Q", data[:8])
+    if header_len > min(MAX_HEADER_BYTES, len(data) - 8):
+        raise bad(f"header length {header_len} exceeds the file")
+    try:
+        header = json.loads(bytes(data[8 : 8 + header_len]).decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise bad(f"header is not JSON ({error})") from None
+    if not isinstance(header, dict):
+        raise bad("header is not a JSON object")
+    body = memoryview(data)[8 + header_len :]
+    tensors = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype = SAFETENSORS_DTYPES[info["dtype"]]
+            shape = [int(d) for d in info["shape"]]
+            begin, end = (int(o) for o in info["data_offsets"])
+        except (KeyError, TypeError, ValueError):
+            raise bad(f"tensor {name}: unsupported dtype or malformed entry") from None
+        size = math.prod(shape) * torch.tensor([], dtype=dtype).element_size()
+        if any(d < 0 for d in shape) or not 0 <= begin <= end <= len(body) or end - begin != size:
+            raise bad(f"tensor {name}: offsets do not match its shape {shape}")
+        if size == 0:
+            tensors[name] = torch.empty(shape, dtype=dtype)
+            continue
+        tensors[name] = torch.frombuffer(body[begin:end], dtype=dtype).view(shape)
+    return tensors
 
 
 def read_adapter_weights(
@@ -83,9 +137,8 @@ def read_adapter_weights(
     weights_path: Path,
     base_modules: dict[str, tuple[int, int]],
     max_rank: int,
-    dtype: torch.dtype,
 ) -> AdapterWeights:
-    """Parses, validates against `base_modules` (name -> (in, out)) and converts an adapter."""
+    """Parses an adapter and validates it against `base_modules` (name -> (in, out))."""
     config = read_adapter_config(config_path)
     tensors = load_tensors(weights_path)
     if not tensors:
@@ -135,12 +188,5 @@ def read_adapter_weights(
             raise FailedPrecondition(
                 f"module {module}: rank {rank} is above the server's max_lora_rank {max_rank}"
             )
-        if not a.is_floating_point() or not b.is_floating_point():
-            raise FailedPrecondition(f"module {module}: LoRA weights must be floating point")
-        if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
-            raise FailedPrecondition(f"module {module}: LoRA weights contain NaN or infinity")
-        scale = config.scale_for(module, rank)
-        modules[module] = ModuleLoRA(
-            a=a.to(dtype).contiguous(), b=(b.float() * scale).to(dtype).contiguous(), scale=scale
-        )
+        modules[module] = ModuleLoRA(a=a, b=b, scale=config.scale_for(module, rank))
     return AdapterWeights(modules=modules, config=config)

@@ -21,7 +21,9 @@ def table() -> str:
     for name, field in ServerConfig.model_fields.items():
         default = field.get_default(call_default_factory=True)
         shown = "unset" if default is None else ("`{}`" if default == {} else f"`{default}`")
-        rows.append(f"| `--{name.replace('_', '-')}` | `LORASERVE_{name.upper()}` | {shown} | {field.description} |")
+        rows.append(
+            f"| `--{name.replace('_', '-')}` | `LORASERVE_{name.upper()}` | {shown} | {field.description} |"
+        )
     return "\n".join(rows)
 
 

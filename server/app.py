@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -24,7 +23,6 @@ from grpc_reflection.v1alpha import reflection
 from server.auth import KeyRing
 from server.config import ConfigError, ServerConfig, is_loopback
 from server.engine.engine import Engine, EngineConfig
-from server.engine.sequence import GenerationRequest, StoppingCriteria
 from server.handlers import Gate, service_handler
 from server.metrics import Metrics
 from server.model_loader import LoadedModel, load_base_model
@@ -69,20 +67,13 @@ def resolve_model(config: ServerConfig) -> ServerConfig:
     )
 
 
-def warm_up(engine: Engine, loaded: LoadedModel) -> None:
-    """Runs one short generation through the engine (first-call costs happen here)."""
-    done = threading.Event()
-    ids = loaded.tokenizer("Hello")["input_ids"] or [loaded.tokenizer.eos_token_id or 0]
-    request = GenerationRequest("warmup", ids, stopping=StoppingCriteria(max_new_tokens=1, ignore_eos=True))
-    engine.submit(request, lambda out: done.set() if out.done else None)
-    if not done.wait(300):
-        raise RuntimeError("warm-up generation did not finish within 300 s")
-
-
 class LoraServer:
     """One loraserve process's gRPC server around one engine."""
 
-    def __init__(self, config: ServerConfig, metrics: Metrics | None = None) -> None:
+    def __init__(
+        self, config: ServerConfig, metrics: Metrics | None = None, engine: Engine | None = None
+    ) -> None:
+        """`engine`: serve an engine that is already built and started (benchmarks, Ray replicas)."""
         self.config = config
         self.metrics = metrics or Metrics(config.metrics_max_adapter_labels)
         keyring = KeyRing.from_file(config.api_keys_file) if config.api_keys_file else None
@@ -91,8 +82,8 @@ class LoraServer:
         self.inference: InferenceService | None = None
         self.admin: AdapterAdminService | None = None
         self.server: grpc.aio.Server | None = None
-        self.engine: Engine | None = None
-        self.loaded: LoadedModel | None = None
+        self.engine: Engine | None = engine
+        self.loaded: LoadedModel | None = engine.loaded if engine is not None else None
         self.port = 0
         self.metrics_server: Any = None
         self.ready = asyncio.Event()
@@ -147,24 +138,29 @@ class LoraServer:
 
     async def _load(self) -> None:
         try:
-            config = await asyncio.to_thread(resolve_model, self.config)
-            self.config = config
             started = time.perf_counter()
-            loaded = await asyncio.to_thread(
-                load_base_model,
-                config.model,
-                config.quantization,
-                config.device,
-                config.compute_dtype,
-                config.double_quant,
-                config.max_context_length,
-            )
-            engine = await asyncio.to_thread(
-                Engine, loaded, EngineConfig.from_server_config(config), self.metrics
-            )
-            engine.start()
-            if config.warmup:
-                await asyncio.to_thread(warm_up, engine, loaded)
+            if self.engine is not None:  # built and started by the caller
+                config, loaded, engine = self.config, self.engine.loaded, self.engine
+            else:
+                resolved: list[ServerConfig] = []
+
+                def build() -> tuple[LoadedModel, EngineConfig]:
+                    # On the engine's thread: the demo build and the model load are tensor work too.
+                    config = resolve_model(self.config)
+                    resolved.append(config)
+                    loaded = load_base_model(
+                        config.model,
+                        config.quantization,
+                        config.device,
+                        config.compute_dtype,
+                        config.double_quant,
+                        config.max_context_length,
+                    )
+                    return loaded, EngineConfig.from_server_config(config)
+
+                engine = await asyncio.wrap_future(Engine.spawn(build, self.metrics, self.config.warmup))
+                config = self.config = resolved[0]
+                loaded = engine.loaded
             self.loaded, self.engine = loaded, engine
             limits = Limits.from_config(config, loaded.max_context_length)
             self.inference = InferenceService(loaded, engine, limits, self.metrics, config)

@@ -19,5 +19,8 @@ def test_config_table_is_current() -> None:
 def test_quickstart_commands() -> None:
     readme = (ROOT / "README.md").read_text()
     quickstart = readme.split("## Quickstart", 1)[1].split("```bash", 1)[1].split("```", 1)[0]
-    assert [line.split("#")[0].strip() for line in quickstart.strip().splitlines()] == ["make serve", "make test"]
+    assert [line.split("#")[0].strip() for line in quickstart.strip().splitlines()] == [
+        "make serve",
+        "make test",
+    ]
     assert "make test" in (ROOT / ".ci" / "run").read_text()

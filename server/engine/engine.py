@@ -17,6 +17,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,7 +32,14 @@ from server.engine.kv_cache import BlockManager, KVCache
 from server.engine.runner import ModelRunner, ScheduledSeq
 from server.engine.sampler import sample
 from server.engine.scheduler import Scheduler
-from server.engine.sequence import FinishReason, GenerationRequest, Sequence, SequenceOutput, Status
+from server.engine.sequence import (
+    FinishReason,
+    GenerationRequest,
+    Sequence,
+    SequenceOutput,
+    Status,
+    StoppingCriteria,
+)
 from server.errors import InternalError, ResourceExhausted, ServeError, Unavailable
 from server.model_loader import LoadedModel
 
@@ -215,8 +223,51 @@ class Engine:
         self._wake.set()
 
     def start(self) -> None:
+        """Runs the step loop on a new thread (for an engine built on the caller's thread)."""
         self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
         self._thread.start()
+
+    @classmethod
+    def spawn(
+        cls,
+        build: Callable[[], tuple[LoadedModel, EngineConfig]],
+        metrics: Any = None,
+        warmup: bool = True,
+    ) -> Future:
+        """Loads the model (`build`), builds the engine, warms it up and runs its loop, all on one
+        new thread.
+
+        Returns a future of the running engine. Keeping every tensor operation of the process on
+        one thread matters on CPU: each thread that runs torch ops gets its own OpenMP team, and
+        a second team beside the engine's made its steps about a third slower in our measurements.
+        """
+        ready: Future = Future()
+
+        def main() -> None:
+            try:
+                engine = cls(*build(), metrics)
+                engine._thread = threading.current_thread()
+                if warmup:
+                    engine.warm_up()
+            except BaseException as error:  # noqa: BLE001 - handed to the caller
+                ready.set_exception(error)
+                return
+            ready.set_result(engine)
+            engine._loop()
+
+        threading.Thread(target=main, name="engine", daemon=True).start()
+        return ready
+
+    def warm_up(self) -> None:
+        """One short generation on the calling thread (first-call costs are paid here)."""
+        ids = self.tokenizer("Hello")["input_ids"] or [self.tokenizer.eos_token_id or 0]
+        done: list[SequenceOutput] = []
+        request = GenerationRequest(
+            "warmup", ids, stopping=StoppingCriteria(max_new_tokens=1, ignore_eos=True)
+        )
+        self.submit(request, done.append)
+        while not (done and done[-1].done):
+            self.step()
 
     def shutdown(self, timeout: float = 10.0) -> None:
         """Stops the loop; requests still in flight end with UNAVAILABLE."""

@@ -27,9 +27,7 @@ def setup(request, toy):
     store = AdapterStore(toy.store)
     for slot, adapter_id in enumerate(IDS):
         files = store.files(adapter_id)
-        table.set_slot(
-            slot, read_adapter_weights(files.config, files.weights, table.shapes, 16, torch.float32)
-        )
+        table.set_slot(slot, read_adapter_weights(files.config, files.weights, table.shapes, 16))
     reference = PeftReference(toy, quantization)
     return loaded.model, table, reference
 

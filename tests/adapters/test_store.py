@@ -16,7 +16,7 @@ from adapters.store import AdapterStore, validate_adapter_id
 from adapters.weights import read_adapter_weights
 from server.errors import FailedPrecondition, InvalidArgument, NotFound
 
-SHAPES_ARGS = {"max_rank": 16, "dtype": torch.float32}
+SHAPES_ARGS = {"max_rank": 16}
 
 
 @pytest.mark.parametrize(
@@ -216,7 +216,10 @@ def test_tensor_outside_config_targets(store_copy, shapes) -> None:
         _read(folder, shapes)
 
 
-def test_non_finite_weights(store_copy, shapes) -> None:
+def test_non_finite_weights_are_refused_when_copied_into_a_slot(store_copy, shapes, toy) -> None:
+    from adapters.layer import SlotTable
+    from server.model_loader import load_base_model
+
     folder = store_copy.adapter("a1")
     key = "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"
 
@@ -225,8 +228,20 @@ def test_non_finite_weights(store_copy, shapes) -> None:
         tensors[key][0, 0] = float("nan")
 
     _edit_tensors(folder, poison)
-    with pytest.raises(FailedPrecondition, match="NaN"):
-        _read(folder, shapes)
+    weights = _read(folder, shapes)  # reading does no arithmetic: the check is at the copy
+    loaded = load_base_model(str(toy.base), "none", "cpu", "float32")
+    table = SlotTable.attach(loaded.model, 2, 16, torch.float32, torch.device("cpu"))
+    with pytest.raises(FailedPrecondition, match="NaN or infinity"):
+        table.set_slot(1, weights)
+    assert table.rank_of_slot[1] == 0
+    assert all(not layer.lora_a[1].any() and not layer.lora_b[1].any() for layer in table.layers.values())
+
+
+def test_truncated_safetensors(store_copy, shapes) -> None:
+    path = store_copy.adapter("a1") / "adapter_model.safetensors"
+    path.write_bytes(path.read_bytes()[:-100])
+    with pytest.raises(FailedPrecondition, match="offsets do not match"):
+        _read(store_copy.adapter("a1"), shapes)
 
 
 def test_target_module_matching_rules() -> None:

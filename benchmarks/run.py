@@ -1,0 +1,528 @@
+"""`loraserve bench` / `python -m benchmarks.run`: scenarios, peers in the same run, one JSON report.
+
+Scenarios (DESIGN.md's bench model unless --model-size tiny):
+- decode-distinct: C concurrent requests, each on its own rank-16 adapter (C slots), against the
+  same engine with no adapters (goal: decode throughput >= 0.85x);
+- poisson: Poisson arrivals, power-law popularity over N adapters, variable lengths, against
+  PEFT generate(adapter_names=...) static batching (goal: >= 5x throughput), TTFT/ITL reported;
+- overhead: the engine on the base model against a bare batched forward loop (goal: >= 0.9x);
+- adapter-load: disk -> device slot time of one adapter, p50, against PEFT load_adapter (goal: >= 10x);
+- sweep: throughput as the adapter count grows past the device slots;
+- custom: the workload given by the flags, on the systems given by --systems.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import sys
+import threading
+import time
+from typing import Any
+
+import torch
+
+from benchmarks import systems as sysmod
+from benchmarks.models import BenchAssets, prepare
+from benchmarks.report import plot, ratios, summarize, write_report
+from benchmarks.workload import BenchRequest, WorkloadSpec, make_workload, with_adapter
+from server.demo.options import default_cache_dir
+
+
+class Bench:
+    """Shared state of one benchmark run: assets, engines, the progress bar."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.targets = [m.strip() for m in args.target_modules.split(",") if m.strip()]
+        self.work_dir = args.work_dir or default_cache_dir() / "bench"
+        self.device = (
+            "cuda"
+            if args.device == "auto" and torch.cuda.is_available()
+            else ("cpu" if args.device == "auto" else args.device)
+        )
+        self._tokenizer: Any = None
+
+    # ------------------------------------------------------------------ helpers
+    def assets(self, adapters: int) -> BenchAssets:
+        return on_fresh_thread(
+            prepare, self.work_dir, self.args.model_size, adapters, self.args.rank, self.targets
+        )
+
+    def decode(self, ids: list[int]) -> str:
+        if self._tokenizer is None:
+            from server.model_loader import load_tokenizer
+
+            self._tokenizer = load_tokenizer(str(self.assets(1).model_dir))
+        return self._tokenizer.decode(ids, skip_special_tokens=True)
+
+    def workload(self, adapters: list[str], **overrides: Any) -> list[BenchRequest]:
+        a = self.args
+        fields = {
+            "requests": a.requests,
+            "adapters": adapters,
+            "popularity": a.popularity,
+            "alpha": a.alpha,
+            "prompt_len": a.prompt_len,
+            "output_len": a.output_len,
+            "workload": a.workload,
+            "rate": a.rate,
+            "concurrency": a.concurrency,
+            "seed": a.seed,
+        }
+        fields.update(overrides)
+        vocab = 30000 if a.model_size == "bench" else 360
+        spec = WorkloadSpec(vocab=(10, vocab), **fields)
+        needs_text = "grpc" in self.systems() or a.target
+        return make_workload(spec, self.decode if needs_text else None)
+
+    def systems(self) -> list[str]:
+        return [s.strip() for s in self.args.systems.split(",") if s.strip()]
+
+    def engine(self, assets: BenchAssets, slots: int, requests: list[BenchRequest], concurrency: int) -> Any:
+        """An engine on its own thread (model loaded there too), warmed up."""
+        from server.engine.engine import Engine, EngineConfig
+        from server.model_loader import load_base_model
+
+        def build() -> tuple[Any, EngineConfig]:
+            loaded = load_base_model(str(assets.model_dir), self.args.quantization, self.device, "auto")
+            model_config = loaded.model.config
+            longest = max(len(r.prompt_ids) + r.max_new_tokens for r in requests)
+            head_dim = model_config.hidden_size // model_config.num_attention_heads
+            element = torch.tensor([], dtype=loaded.dtype).element_size()
+            blocks = concurrency * (math.ceil(longest / 16) + 1) + 8
+            per_block = (
+                2
+                * model_config.num_hidden_layers
+                * 16
+                * model_config.num_key_value_heads
+                * head_dim
+                * element
+            )
+            config = EngineConfig(
+                adapters_dir=assets.store,
+                max_loaded_adapters=max(1, slots),
+                max_lora_rank=self.args.rank,
+                max_num_seqs=max(concurrency, 8),
+                max_num_batched_tokens=self.args.max_num_batched_tokens,
+                kv_cache_bytes=blocks * per_block,
+                max_queue_size=10_000,
+                max_queue_per_tenant=10_000,
+                max_host_adapter_bytes=4 * 1024**3,
+            )
+            return loaded, config
+
+        return Engine.spawn(build, warmup=True).result()
+
+    def progress(self, label: str, total: int) -> Any:
+        from tqdm import tqdm
+
+        return tqdm(
+            total=total, desc=label, unit="req", disable=self.args.quiet, leave=False, file=sys.stderr
+        )
+
+    def run_engine(
+        self,
+        engine: Any,
+        requests: list[BenchRequest],
+        workload: str,
+        concurrency: int,
+        label: str = "engine",
+        quiet: bool = False,
+    ) -> list[sysmod.Record]:
+        with self.progress(label, len(requests)) as bar:
+            return sysmod.run_engine(
+                engine, requests, workload, concurrency, bar.update if not quiet else (lambda n: None)
+            )
+
+    def warm_adapters(self, engine: Any, adapters: list[str]) -> None:
+        """Puts adapters on the device before timing (steady state for scenarios that fit)."""
+        short = [BenchRequest(i, a, [11, 12, 13], 1, 0.0) for i, a in enumerate(adapters)]
+        self.run_engine(engine, short, "closed", len(short), quiet=True)
+
+    def peft(self, assets: BenchAssets, adapters: list[str]) -> sysmod.PeftPeer:
+        return sysmod.PeftPeer(
+            str(assets.model_dir), assets.store, adapters, self.args.quantization, self.device
+        )
+
+    def run_peft(
+        self,
+        assets: BenchAssets,
+        adapters: list[str],
+        requests: list[BenchRequest],
+        workload: str,
+        modes: list[str],
+        batch: int,
+    ) -> tuple[dict[str, list[sysmod.Record]], float]:
+        """Loads PEFT and runs it, on a thread of its own like every system's tensor work."""
+
+        def work() -> tuple[dict[str, list[sysmod.Record]], float]:
+            peer = self.peft(assets, adapters)
+            out = {}
+            for mode in modes:
+                with self.progress(f"peft-{mode}", len(requests)) as bar:
+                    if mode == "batch":
+                        out[mode] = peer.run_batched(requests, workload, batch, bar.update)
+                    else:
+                        out[mode] = peer.run_serial(requests, workload, bar.update)
+            return out, peer.load_seconds
+
+        return on_fresh_thread(work)
+
+    # ------------------------------------------------------------------ scenarios
+    def scenario(
+        self,
+        name: str,
+        adapters: list[str],
+        requests: list[BenchRequest],
+        names: list[str],
+        slots: int,
+        workload: str,
+        concurrency: int,
+        assets: BenchAssets,
+        warm: bool,
+    ) -> dict[str, Any]:
+        results: dict[str, dict[str, Any]] = {}
+        extras: dict[str, Any] = {}
+        engine = None
+        if {"engine", "engine-base", "grpc"} & set(names):
+            engine = self.engine(assets, slots, requests, concurrency)
+            if warm and adapters:
+                self.warm_adapters(engine, sorted(set(r.adapter for r in requests if r.adapter)))
+            if "engine" in names:
+                results["engine"] = summarize(self.run_engine(engine, requests, workload, concurrency))
+                extras["engine_preemptions"] = engine.scheduler.preemptions
+            if "engine-base" in names:
+                results["engine-base"] = summarize(
+                    self.run_engine(engine, with_adapter(requests, ""), workload, concurrency, "engine-base")
+                )
+            if "grpc" in names:
+                results["grpc"] = summarize(self.grpc_round(engine, requests, workload, concurrency))
+            engine.shutdown()
+        modes = [m for m in ("batch", "serial") if f"peft-{m}" in names]
+        if modes:
+            used = sorted({r.adapter for r in requests if r.adapter}) or [assets.adapter_ids[0]]
+            runs, extras["peft_adapter_load_seconds"] = self.run_peft(
+                assets, used, requests, workload, modes, concurrency
+            )
+            for mode, records in runs.items():
+                results[f"peft-{mode}"] = summarize(records)
+        if "bare-loop" in names:
+            base_requests = with_adapter(requests, "")
+            with self.progress("bare-loop", len(requests)) as bar:
+                records = on_fresh_thread(
+                    sysmod.run_bare_loop,
+                    str(assets.model_dir),
+                    base_requests,
+                    self.args.quantization,
+                    self.device,
+                    concurrency,
+                    bar.update,
+                )
+            results["bare-loop"] = summarize(records)
+        return {
+            "workload": {
+                "requests": len(requests),
+                "adapters": len(adapters),
+                "distinct_adapters_used": len({r.adapter for r in requests if r.adapter}),
+                "slots": slots,
+                "workload": workload,
+                "concurrency": concurrency,
+                "prompt_tokens": sum(len(r.prompt_ids) for r in requests),
+                "wanted_tokens": sum(r.max_new_tokens for r in requests),
+            },
+            "systems": results,
+            "ratios": {**ratios(results, "engine"), **ratios(results, "engine-base")},
+            **extras,
+        }
+
+    def grpc_round(
+        self, engine: Any, requests: list[BenchRequest], workload: str, concurrency: int
+    ) -> list[sysmod.Record]:
+        """Through gRPC: --target if given, else an in-process server around the same engine."""
+        if self.args.target:
+            target = self.args.target
+            with self.progress("grpc", len(requests)) as bar:
+                return sysmod.run_grpc(target, requests, workload, concurrency, bar.update)
+        from benchmarks.inprocess import serve_engine
+
+        with serve_engine(engine) as target, self.progress("grpc", len(requests)) as bar:
+            return sysmod.run_grpc(target, requests, workload, concurrency, bar.update)
+
+
+def on_fresh_thread(fn: Any, *args: Any) -> Any:
+    """Runs fn on a new thread and returns its result: the main thread never does tensor work,
+    so each system's OpenMP team is the only one active while it is measured."""
+    result: list[Any] = []
+    failure: list[BaseException] = []
+
+    def main() -> None:
+        try:
+            result.append(fn(*args))
+        except BaseException as error:  # noqa: BLE001 - re-raised on the caller's thread
+            failure.append(error)
+
+    thread = threading.Thread(target=main, name="bench-work")
+    thread.start()
+    thread.join()
+    if failure:
+        raise failure[0]
+    return result[0]
+
+
+def goal(description: str, measured: float | None, target: float) -> dict[str, Any]:
+    return {
+        "description": description,
+        "target": target,
+        "measured": measured,
+        "met": measured is not None and measured >= target,
+    }
+
+
+def scenario_decode_distinct(bench: Bench) -> dict[str, Any]:
+    c = bench.args.concurrency if bench.args.scenario == "decode-distinct" else 32
+    assets = bench.assets(c)
+    requests = bench.workload(
+        assets.adapter_ids,
+        requests=c,
+        popularity="distinct",
+        workload="closed",
+        concurrency=c,
+        prompt_len=(32, 32),
+        output_len=(64, 64),
+    )
+    result = bench.scenario(
+        "decode-distinct",
+        assets.adapter_ids,
+        requests,
+        ["engine", "engine-base"],
+        c,
+        "closed",
+        c,
+        assets,
+        warm=True,
+    )
+    ratio = result["ratios"].get("engine/engine-base", {}).get("steady_decode_tokens_per_s")
+    result["goal"] = goal(
+        f"{c} concurrent requests on {c} distinct rank-{bench.args.rank} adapters: decode "
+        "throughput vs the same engine with no adapters",
+        ratio,
+        0.85,
+    )
+    return result
+
+
+def scenario_poisson(bench: Bench) -> dict[str, Any]:
+    n = bench.args.adapters if bench.args.scenario == "poisson" else 100
+    assets = bench.assets(n)
+    requests = bench.workload(assets.adapter_ids, workload="poisson", popularity="powerlaw")
+    slots = bench.args.slots or min(n, 32)
+    result = bench.scenario(
+        "poisson",
+        assets.adapter_ids,
+        requests,
+        ["engine", "peft-batch"],
+        slots,
+        "poisson",
+        bench.args.concurrency,
+        assets,
+        warm=False,
+    )
+    ratio = result["ratios"].get("engine/peft-batch", {}).get("throughput_tokens_per_s")
+    result["goal"] = goal(
+        f"Poisson arrivals, power-law popularity over {n} adapters: throughput vs PEFT "
+        "generate(adapter_names=...) static batches",
+        ratio,
+        5.0,
+    )
+    return result
+
+
+def scenario_overhead(bench: Bench) -> dict[str, Any]:
+    c = bench.args.concurrency
+    assets = bench.assets(1)
+    requests = bench.workload([], requests=c * 2, workload="closed", prompt_len=(32, 32), output_len=(64, 64))
+    result = bench.scenario(
+        "overhead",
+        [],
+        with_adapter(requests, ""),
+        ["engine-base", "bare-loop"],
+        1,
+        "closed",
+        c,
+        assets,
+        warm=False,
+    )
+    ratio = result["ratios"].get("engine-base/bare-loop", {}).get("throughput_tokens_per_s")
+    result["goal"] = goal(
+        "base-only engine vs a bare batched forward loop of the same model (same batches)", ratio, 0.9
+    )
+    return result
+
+
+def scenario_adapter_load(bench: Bench, repeats: int = 9) -> dict[str, Any]:
+    """disk -> device slot through the adapter manager, against PEFT's load_adapter of the same files."""
+
+    def measure() -> dict[str, Any]:
+        from adapters.layer import SlotTable
+        from adapters.manager import AdapterManager
+        from adapters.store import AdapterStore
+        from server.model_loader import load_base_model
+
+        assets = bench.assets(repeats)
+        loaded = load_base_model(str(assets.model_dir), bench.args.quantization, bench.device, "auto")
+        slots = SlotTable.attach(loaded.model, 2, bench.args.rank, loaded.dtype, loaded.device)
+        manager = AdapterManager(AdapterStore(assets.store), slots, 4 * 1024**3)
+        ours = []
+        for adapter in assets.adapter_ids:
+            started = time.perf_counter()
+            future, _ = manager.load(adapter)
+            while not future.done():
+                manager.housekeeping()  # what the engine loop does between steps
+                time.sleep(0.0002)
+            if loaded.device.type == "cuda":
+                torch.cuda.synchronize()
+            ours.append(time.perf_counter() - started)
+            manager.unload(adapter)  # back to disk only: the next load reads its files again
+        manager.shutdown()
+        peer = bench.peft(assets, assets.adapter_ids[:1])
+        theirs = []
+        for i, adapter in enumerate(assets.adapter_ids):
+            started = time.perf_counter()
+            peer.model.load_adapter(str(assets.store / adapter), adapter_name=f"load{i}")
+            if loaded.device.type == "cuda":
+                torch.cuda.synchronize()
+            theirs.append(time.perf_counter() - started)
+            peer.model.delete_adapter(f"load{i}")
+        ours_p50, theirs_p50 = statistics.median(ours), statistics.median(theirs)
+        return {
+            "adapter": {
+                "rank": bench.args.rank,
+                "targets": bench.targets,
+                "bytes": sum(p.stat().st_size for p in (assets.store / assets.adapter_ids[0]).iterdir()),
+            },
+            "loraserve_seconds": {"p50": ours_p50, "all": ours},
+            "peft_load_adapter_seconds": {"p50": theirs_p50, "all": theirs},
+            "goal": goal(
+                "load-to-ready of one adapter, disk -> device slot, vs PEFT load_adapter (p50 ratio)",
+                theirs_p50 / ours_p50,
+                10.0,
+            ),
+        }
+
+    return on_fresh_thread(measure)
+
+
+def scenario_sweep(bench: Bench) -> dict[str, Any]:
+    counts = [int(c) for c in bench.args.sweep.split(",") if c.strip()]
+    slots = bench.args.slots or 8
+    points = []
+    for count in counts:
+        assets = bench.assets(count)
+        requests = bench.workload(assets.adapter_ids, popularity="uniform", workload="closed")
+        result = bench.scenario(
+            f"sweep-{count}",
+            assets.adapter_ids,
+            requests,
+            ["engine"],
+            min(slots, count),
+            "closed",
+            bench.args.concurrency,
+            assets,
+            warm=False,
+        )
+        points.append({"adapters": count, "engine": result["systems"]["engine"]})
+    return {"slots": slots, "sweep": points}
+
+
+def scenario_custom(bench: Bench) -> dict[str, Any]:
+    assets = bench.assets(bench.args.adapters)
+    requests = bench.workload(assets.adapter_ids)
+    slots = bench.args.slots or min(max(bench.args.adapters, 1), 32)
+    return bench.scenario(
+        "custom",
+        assets.adapter_ids,
+        requests,
+        bench.systems(),
+        slots,
+        bench.args.workload,
+        bench.args.concurrency,
+        assets,
+        warm=False,
+    )
+
+
+SCENARIOS = {
+    "decode-distinct": scenario_decode_distinct,
+    "poisson": scenario_poisson,
+    "overhead": scenario_overhead,
+    "adapter-load": scenario_adapter_load,
+    "sweep": scenario_sweep,
+    "custom": scenario_custom,
+}
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    bench = Bench(args)
+    names = (
+        ["decode-distinct", "poisson", "overhead", "adapter-load", "sweep"]
+        if args.scenario == "all"
+        else [args.scenario]
+    )
+    scenarios = {}
+    for name in names:
+        if not args.quiet:
+            print(f"== {name}", file=sys.stderr)
+        scenarios[name] = SCENARIOS[name](bench)
+    config = {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items() if k != "func"}
+    config["device"] = bench.device
+    report = write_report(args.out, config, scenarios)
+    if args.plot:
+        report["plots"] = [str(p) for p in plot(report, args.out.parent)]
+    return report
+
+
+def print_summary(report: dict[str, Any]) -> None:
+    for name, scenario in report["scenarios"].items():
+        print(f"{name}:")
+        for system, summary in scenario.get("systems", {}).items():
+            ttft, itl = summary["ttft_seconds"], summary["inter_token_latency_seconds"]
+            print(
+                f"  {system:12s} {summary['throughput_tokens_per_s']:9.1f} tok/s  "
+                f"TTFT p50 {(ttft['p50'] or 0) * 1e3:8.1f} ms  p99 {(ttft['p99'] or 0) * 1e3:8.1f} ms  "
+                f"ITL p50 {(itl['p50'] or 0) * 1e3:7.1f} ms  p99 {(itl['p99'] or 0) * 1e3:7.1f} ms  "
+                f"errors {summary['errors']}"
+            )
+        for point in scenario.get("sweep", []):
+            print(
+                f"  {point['adapters']:5d} adapters: {point['engine']['throughput_tokens_per_s']:9.1f} tok/s"
+            )
+        if "goal" in scenario:
+            g = scenario["goal"]
+            measured = "n/a" if g["measured"] is None else f"{g['measured']:.2f}x"
+            print(
+                f"  goal: {g['description']}: {measured} (target {g['target']}x) "
+                f"{'MET' if g['met'] else 'NOT MET'}"
+            )
+
+
+def bench_cli(args: argparse.Namespace) -> int:
+    report = run(args)
+    print_summary(report)
+    print(f"report: {args.out}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    from benchmarks.options import add_bench_flags
+    from server.logs import setup_logging
+
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.splitlines()[0])
+    add_bench_flags(parser)
+    setup_logging("warning")
+    return bench_cli(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
