@@ -7,9 +7,10 @@ Every token t of a flattened batch has a slot s[t] (-1: base only). For each ada
 with the LoRA scale folded into B. `LoRAPlan` is computed once per engine step from the
 token->slot mapping and read by every layer, so model code never sees it. Two paths:
 
-- long runs of one slot (prefill chunks) -> one pair of matmuls per run;
 - short runs (decode tokens) -> one padded `bmm` over the stacked slot buffers [0, hi),
-  reading each slot's weights in place (no gather of A/B, which costs more than the math).
+  reading each slot's weights in place (no gather of A/B, which costs more than the math);
+- long runs (prefill chunks) -> one pair of matmuls per run;
+the split is chosen per step by a cost estimate (`choose_bmm_slots`).
 
 A fused GPU kernel (punica/S-LoRA style) would replace `apply_lora` and keep the plan.
 """
@@ -20,8 +21,10 @@ from dataclasses import dataclass
 
 import torch
 
-# Runs of at least this many tokens use their own matmuls rather than the padded bmm.
-LONG_RUN_TOKENS = 32
+# Rough CPU costs, in rows of the padded bmm: reading one slot's weights, and the two extra
+# matmul calls per layer of a run computed on its own (calibrated on the bench model).
+WEIGHT_READ_ROWS = 2
+RUN_CALL_ROWS = 16
 
 
 @dataclass(frozen=True)
@@ -42,27 +45,58 @@ class LoRAPlan:
         return not self.runs and self.bmm_slots == 0
 
 
-def make_plan(
-    slot_of_token: list[int],
-    rank_of_slot: list[int] | dict[int, int],
-    device: torch.device,
-    long_run_tokens: int = LONG_RUN_TOKENS,
-) -> LoRAPlan:
-    """Builds the plan from the per-token slot list (host side, once per step)."""
-    runs: list[tuple[int, int, int]] = []
-    short: list[tuple[int, int, int]] = []
-    start = 0
-    n = len(slot_of_token)
+def _runs(slot_of_token: list[int]) -> list[tuple[int, int, int]]:
+    """Maximal runs (slot, start, end) of equal slots, base-only tokens left out."""
+    runs = []
+    start, n = 0, len(slot_of_token)
     while start < n:
         slot = slot_of_token[start]
         end = start + 1
         while end < n and slot_of_token[end] == slot:
             end += 1
         if slot >= 0:
-            (runs if end - start >= long_run_tokens else short).append((slot, start, end))
+            runs.append((slot, start, end))
         start = end
-    used = {slot for slot, _, _ in runs} | {slot for slot, _, _ in short}
-    rank = max((rank_of_slot[s] for s in used), default=0)
+    return runs
+
+
+def choose_bmm_slots(runs: list[tuple[int, int, int]]) -> set[int]:
+    """Slots whose tokens go through the padded bmm; the others' runs get their own matmuls.
+
+    The bmm over slots [0, hi) with `rows` rows each computes hi * rows rows and reads hi
+    slots' weights; a run on its own costs two matmul calls per layer plus its rows. We pick the
+    row count that minimises the estimate (in row-equivalents): a single 31-token prefill chunk
+    among 31 decode tokens must not pad every slot to 31 rows.
+    """
+    tokens: dict[int, int] = {}
+    count: dict[int, int] = {}
+    for slot, start, end in runs:
+        tokens[slot] = tokens.get(slot, 0) + end - start
+        count[slot] = count.get(slot, 0) + 1
+    best, best_cost = set(), float("inf")
+    for rows in sorted({0, *tokens.values()}):
+        chosen = {slot for slot, n in tokens.items() if n <= rows}
+        hi = max(chosen) + 1 if chosen else 0
+        cost = hi * (rows + WEIGHT_READ_ROWS) + sum(
+            count[slot] * (RUN_CALL_ROWS + WEIGHT_READ_ROWS) + tokens[slot]
+            for slot in tokens
+            if slot not in chosen
+        )
+        if cost < best_cost:
+            best, best_cost = chosen, cost
+    return best
+
+
+def make_plan(
+    slot_of_token: list[int], rank_of_slot: list[int] | dict[int, int], device: torch.device
+) -> LoRAPlan:
+    """Builds the plan from the per-token slot list (host side, once per step)."""
+    all_runs = _runs(slot_of_token)
+    n = len(slot_of_token)
+    rank = max((rank_of_slot[slot] for slot, _, _ in all_runs), default=0)
+    in_bmm = choose_bmm_slots(all_runs)
+    runs = [run for run in all_runs if run[0] not in in_bmm]
+    short = [run for run in all_runs if run[0] in in_bmm]
     if not short:
         return LoRAPlan(n, rank, tuple(runs), 0, 0, None, None, -1)
 

@@ -22,7 +22,8 @@ def add_bench_flags(parser: argparse.ArgumentParser) -> None:
         "--scenario",
         choices=SCENARIOS,
         default="custom",
-        help="a preset from the engine and adapter issues, or custom (the flags below)",
+        help="decode-distinct, poisson, overhead, adapter-load, sweep: fixed presets (benchmarks/README.md); "
+        "all: every preset; custom: the workload flags below",
     )
     parser.add_argument(
         "--model-size",

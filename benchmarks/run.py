@@ -104,7 +104,7 @@ class Bench:
                 adapters_dir=assets.store,
                 max_loaded_adapters=max(1, slots),
                 max_lora_rank=self.args.rank,
-                max_num_seqs=max(concurrency, 8),
+                max_num_seqs=max(concurrency, 64),
                 max_num_batched_tokens=self.args.max_num_batched_tokens,
                 kv_cache_bytes=blocks * per_block,
                 max_queue_size=10_000,
@@ -280,8 +280,27 @@ def goal(description: str, measured: float | None, target: float) -> dict[str, A
     }
 
 
+# The named scenarios are fixed presets (the issues' goals); flags only shape `custom`.
+PRESETS = {
+    "decode-distinct": {"concurrency": 32, "prompt_len": (32, 32), "output_len": (64, 64)},
+    "poisson": {
+        "adapters": 100,
+        "slots": 32,
+        "requests": 128,
+        "rate": 32.0,
+        "batch": 32,
+        "alpha": 1.0,
+        "prompt_len": (16, 64),
+        "output_len": (16, 64),
+    },
+    "overhead": {"concurrency": 32, "requests": 64, "prompt_len": (32, 32), "output_len": (64, 64)},
+    "sweep": {"requests": 64, "concurrency": 32, "prompt_len": (16, 64), "output_len": (16, 64)},
+}
+
+
 def scenario_decode_distinct(bench: Bench) -> dict[str, Any]:
-    c = bench.args.concurrency if bench.args.scenario == "decode-distinct" else 32
+    p = PRESETS["decode-distinct"]
+    c = p["concurrency"]
     assets = bench.assets(c)
     requests = bench.workload(
         assets.adapter_ids,
@@ -289,8 +308,8 @@ def scenario_decode_distinct(bench: Bench) -> dict[str, Any]:
         popularity="distinct",
         workload="closed",
         concurrency=c,
-        prompt_len=(32, 32),
-        output_len=(64, 64),
+        prompt_len=p["prompt_len"],
+        output_len=p["output_len"],
     )
     result = bench.scenario(
         "decode-distinct",
@@ -303,6 +322,7 @@ def scenario_decode_distinct(bench: Bench) -> dict[str, Any]:
         assets,
         warm=True,
     )
+    result["preset"] = p
     ratio = result["ratios"].get("engine/engine-base", {}).get("steady_decode_tokens_per_s")
     result["goal"] = goal(
         f"{c} concurrent requests on {c} distinct rank-{bench.args.rank} adapters: decode "
@@ -314,25 +334,34 @@ def scenario_decode_distinct(bench: Bench) -> dict[str, Any]:
 
 
 def scenario_poisson(bench: Bench) -> dict[str, Any]:
-    n = bench.args.adapters if bench.args.scenario == "poisson" else 100
-    assets = bench.assets(n)
-    requests = bench.workload(assets.adapter_ids, workload="poisson", popularity="powerlaw")
-    slots = bench.args.slots or min(n, 32)
+    p = PRESETS["poisson"]
+    assets = bench.assets(p["adapters"])
+    requests = bench.workload(
+        assets.adapter_ids,
+        workload="poisson",
+        popularity="powerlaw",
+        alpha=p["alpha"],
+        requests=p["requests"],
+        rate=p["rate"],
+        prompt_len=p["prompt_len"],
+        output_len=p["output_len"],
+    )
     result = bench.scenario(
         "poisson",
         assets.adapter_ids,
         requests,
         ["engine", "peft-batch"],
-        slots,
+        p["slots"],
         "poisson",
-        bench.args.concurrency,
+        p["batch"],
         assets,
         warm=False,
     )
+    result["preset"] = p
     ratio = result["ratios"].get("engine/peft-batch", {}).get("throughput_tokens_per_s")
     result["goal"] = goal(
-        f"Poisson arrivals, power-law popularity over {n} adapters: throughput vs PEFT "
-        "generate(adapter_names=...) static batches",
+        f"Poisson arrivals ({p['rate']:g}/s), power-law popularity over {p['adapters']} adapters: "
+        "throughput vs PEFT generate(adapter_names=...) static batches",
         ratio,
         5.0,
     )
@@ -340,9 +369,11 @@ def scenario_poisson(bench: Bench) -> dict[str, Any]:
 
 
 def scenario_overhead(bench: Bench) -> dict[str, Any]:
-    c = bench.args.concurrency
+    p = PRESETS["overhead"]
     assets = bench.assets(1)
-    requests = bench.workload([], requests=c * 2, workload="closed", prompt_len=(32, 32), output_len=(64, 64))
+    requests = bench.workload(
+        [], requests=p["requests"], workload="closed", prompt_len=p["prompt_len"], output_len=p["output_len"]
+    )
     result = bench.scenario(
         "overhead",
         [],
@@ -350,10 +381,11 @@ def scenario_overhead(bench: Bench) -> dict[str, Any]:
         ["engine-base", "bare-loop"],
         1,
         "closed",
-        c,
+        p["concurrency"],
         assets,
         warm=False,
     )
+    result["preset"] = p
     ratio = result["ratios"].get("engine-base/bare-loop", {}).get("throughput_tokens_per_s")
     result["goal"] = goal(
         "base-only engine vs a bare batched forward loop of the same model (same batches)", ratio, 0.9
@@ -415,12 +447,22 @@ def scenario_adapter_load(bench: Bench, repeats: int = 9) -> dict[str, Any]:
 
 
 def scenario_sweep(bench: Bench) -> dict[str, Any]:
+    """Uniform popularity over 1..N adapters with a fixed number of device slots (--sweep, --slots)."""
+    p = PRESETS["sweep"]
     counts = [int(c) for c in bench.args.sweep.split(",") if c.strip()]
     slots = bench.args.slots or 8
     points = []
     for count in counts:
         assets = bench.assets(count)
-        requests = bench.workload(assets.adapter_ids, popularity="uniform", workload="closed")
+        requests = bench.workload(
+            assets.adapter_ids,
+            popularity="uniform",
+            workload="closed",
+            requests=p["requests"],
+            concurrency=p["concurrency"],
+            prompt_len=p["prompt_len"],
+            output_len=p["output_len"],
+        )
         result = bench.scenario(
             f"sweep-{count}",
             assets.adapter_ids,
@@ -428,12 +470,12 @@ def scenario_sweep(bench: Bench) -> dict[str, Any]:
             ["engine"],
             min(slots, count),
             "closed",
-            bench.args.concurrency,
+            p["concurrency"],
             assets,
             warm=False,
         )
         points.append({"adapters": count, "engine": result["systems"]["engine"]})
-    return {"slots": slots, "sweep": points}
+    return {"slots": slots, "preset": p, "sweep": points}
 
 
 def scenario_custom(bench: Bench) -> dict[str, Any]:

@@ -7,7 +7,9 @@ import random
 import pytest
 import torch
 
-from adapters.ops import LONG_RUN_TOKENS, apply_lora, lora_reference, make_plan
+from adapters.ops import apply_lora, choose_bmm_slots, lora_reference, make_plan
+
+LONG = 37  # a prefill chunk
 
 TOLERANCE = {torch.float32: (1e-5, 1e-5), torch.bfloat16: (2e-2, 2e-2)}
 
@@ -30,8 +32,8 @@ CASES = {
     "decode with base rows": [-1, 0, -1, 2, 2, 3],
     "slots out of order and repeated": [3, 3, 1, 0, 0, 0, 2],
     "split runs of one slot": [1, 2, 1, 2, 1],
-    "long prefill run + decodes": [2] * (LONG_RUN_TOKENS + 5) + [0, 1, 3],
-    "two long runs": [0] * LONG_RUN_TOKENS + [3] * (LONG_RUN_TOKENS + 1),
+    "long prefill run + decodes": [2] * (LONG) + [0, 1, 3],
+    "two long runs": [0] * LONG + [3] * (LONG + 1),
     "base only": [-1, -1, -1],
     "single token": [1],
 }
@@ -74,3 +76,12 @@ def test_plan_rank_is_the_highest_used_rank() -> None:
     plan = make_plan([0, 2], [3, 16, 5], torch.device("cpu"))
     assert plan.rank == 5
     assert make_plan([-1], [3], torch.device("cpu")).empty
+
+
+def test_a_prefill_chunk_does_not_pad_every_slot() -> None:
+    decodes = [(s, s, s + 1) for s in range(31)]
+    chunk = (31, 31, 62)
+    assert choose_bmm_slots([*decodes, chunk]) == set(range(31))  # the chunk runs on its own
+    grouped = [(s, 8 * s, 8 * s + 8) for s in range(8)]  # 8 adapters with 8 decodes each
+    assert choose_bmm_slots(grouped) == set(range(8))
+    assert choose_bmm_slots([(5, 0, 200)]) == set()  # a long prefill in slot 5: no padding of slots 0-4
