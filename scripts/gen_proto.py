@@ -42,6 +42,8 @@ def generate(out_dir: Path) -> list[Path]:
         for name in GENERATED:
             text = (Path(tmp) / "loraserve" / "v1" / name).read_text()
             text = re.sub(r"^from loraserve\.v1 import", f"from {OUT_PACKAGE} import", text, flags=re.M)
+            # The module name protoc records for the message classes (pickling finds them by it).
+            text = text.replace("'loraserve.v1.loraserve_pb2'", f"'{OUT_PACKAGE}.loraserve_pb2'")
             target = out_dir / name
             target.write_text(text)
             written.append(target)

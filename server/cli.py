@@ -67,6 +67,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return asyncio.run(LoraServer(config).run())
 
 
+def cmd_serve_ray(args: argparse.Namespace) -> int:
+    config = config_from_args(args)
+    from server.app import resolve_model
+    from server.logs import setup_logging
+    from server.ray_app import run_forever
+
+    setup_logging(config.log_level, config.log_format)
+    config = resolve_model(config)  # the demo is built once, here, not by every replica
+    return run_forever(
+        config, args.replicas, args.address, args.num_cpus_per_replica, args.num_gpus_per_replica
+    )
+
+
 def cmd_keygen(args: argparse.Namespace) -> int:
     from server.auth import key_entry_toml, new_key
 
@@ -106,6 +119,18 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_flags(p)
     p.set_defaults(func=cmd_serve)
 
+    p = commands.add_parser(
+        "serve-ray",
+        help="run replicas on Ray Serve, routed by adapter (same gRPC API)",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--replicas", type=int, default=2, help="engine replicas (each loads the base model)")
+    p.add_argument("--address", default=None, help="Ray cluster to join (default: start a local one)")
+    p.add_argument("--num-cpus-per-replica", type=float, default=1.0)
+    p.add_argument("--num-gpus-per-replica", type=float, default=0.0)
+    add_config_flags(p)
+    p.set_defaults(func=cmd_serve_ray)
+
     p = commands.add_parser("demo", help="build the demo model and adapters (cached)")
     from server.demo.options import add_demo_flags
 
@@ -137,7 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.command != "serve":  # serve configures logging from its own config
+    if args.command not in ("serve", "serve-ray"):  # they configure logging from their config
         from server.logs import setup_logging
 
         setup_logging("warning")
