@@ -248,17 +248,17 @@ def run_forever(
     """`loraserve serve-ray`: deploy, then wait for SIGTERM/SIGINT and tear everything down."""
     import signal
 
-    stopping = []
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stopping.append(True))
-    start(config, replicas, address, num_cpus, num_gpus)
-    log.info(
-        "loraserve on Ray Serve: %d replicas, gRPC proxy on port %d (application %r)",
-        replicas,
-        config.port,
-        APP_NAME,
-    )
-    try:
+    try:  # Ray's own SIGTERM handler (sys.exit) covers the start; ours takes over once deployed
+        start(config, replicas, address, num_cpus, num_gpus)
+        stopping = []
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: stopping.append(True))
+        log.info(
+            "loraserve on Ray Serve: %d replicas, gRPC proxy on port %d (application %r)",
+            replicas,
+            config.port,
+            APP_NAME,
+        )
         while not stopping:
             time.sleep(0.5)
     finally:
