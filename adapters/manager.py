@@ -163,11 +163,6 @@ class AdapterManager:
                 if slot is not None:
                     self._resolve(entry, None)
 
-    @property
-    def has_pending(self) -> bool:
-        with self._lock:
-            return bool(self._pending)
-
     # ---------------------------------------------------------------- admin
     def load(self, adapter_id: str, pin: bool = False) -> tuple[Future, bool]:
         """Starts loading (or reloading, if its files changed) onto the device.
@@ -266,10 +261,6 @@ class AdapterManager:
         with self._lock:
             entry = self._entries.get(adapter_id)
             return self._row(entry) if entry is not None else self._disk_row(adapter_id)
-
-    def get(self, adapter_id: str) -> AdapterEntry | None:
-        with self._lock:
-            return self._entries.get(adapter_id)
 
     def shutdown(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)

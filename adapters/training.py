@@ -209,7 +209,10 @@ def exact_match(
 
 
 # ---------------------------------------------------------------------------------- training
-def _batches(encoded: list[tuple[list[int], list[int]]], batch_size: int, pad_id: int, rng: random.Random):
+def padded_batches(
+    encoded: list[tuple[list[int], list[int]]], batch_size: int, pad_id: int, rng: random.Random
+):
+    """Endless shuffled batches of (ids, labels, mask), right-padded (labels IGNORE on padding)."""
     order = list(range(len(encoded)))
     while True:
         rng.shuffle(order)
@@ -290,7 +293,7 @@ def train(config: TrainConfig, base_model: Any = None, tokenizer: Any = None) ->
         optimizer, lambda s: min(1.0, (s + 1) / warmup) * max(0.05, 1 - s / steps)
     )
     device = next(p.device for p in model.parameters())
-    batches = _batches(encoded, batch_size, tokenizer.pad_token_id, random.Random(config.seed))
+    batches = padded_batches(encoded, batch_size, tokenizer.pad_token_id, random.Random(config.seed))
     losses: list[float] = []
     model.train()
     with tqdm(total=steps, disable=config.quiet, desc=f"train {config.adapter_id}", unit="step") as bar:

@@ -271,6 +271,15 @@ def on_fresh_thread(fn: Any, *args: Any) -> Any:
     return result[0]
 
 
+def with_goal(
+    result: dict[str, Any], preset: dict[str, Any], ratio: str, figure: str, description: str, target: float
+) -> dict[str, Any]:
+    """Adds the preset and the goal (result["ratios"][ratio][figure] against target) to a scenario."""
+    result["preset"] = preset
+    result["goal"] = goal(description, result["ratios"].get(ratio, {}).get(figure), target)
+    return result
+
+
 def goal(description: str, measured: float | None, target: float) -> dict[str, Any]:
     return {
         "description": description,
@@ -322,15 +331,15 @@ def scenario_decode_distinct(bench: Bench) -> dict[str, Any]:
         assets,
         warm=True,
     )
-    result["preset"] = p
-    ratio = result["ratios"].get("engine/engine-base", {}).get("steady_decode_tokens_per_s")
-    result["goal"] = goal(
+    return with_goal(
+        result,
+        p,
+        "engine/engine-base",
+        "steady_decode_tokens_per_s",
         f"{c} concurrent requests on {c} distinct rank-{bench.args.rank} adapters: decode "
         "throughput vs the same engine with no adapters",
-        ratio,
         0.85,
     )
-    return result
 
 
 def scenario_poisson(bench: Bench) -> dict[str, Any]:
@@ -357,15 +366,15 @@ def scenario_poisson(bench: Bench) -> dict[str, Any]:
         assets,
         warm=False,
     )
-    result["preset"] = p
-    ratio = result["ratios"].get("engine/peft-batch", {}).get("throughput_tokens_per_s")
-    result["goal"] = goal(
+    return with_goal(
+        result,
+        p,
+        "engine/peft-batch",
+        "throughput_tokens_per_s",
         f"Poisson arrivals ({p['rate']:g}/s), power-law popularity over {p['adapters']} adapters: "
         "throughput vs PEFT generate(adapter_names=...) static batches",
-        ratio,
         5.0,
     )
-    return result
 
 
 def scenario_overhead(bench: Bench) -> dict[str, Any]:
@@ -385,12 +394,14 @@ def scenario_overhead(bench: Bench) -> dict[str, Any]:
         assets,
         warm=False,
     )
-    result["preset"] = p
-    ratio = result["ratios"].get("engine-base/bare-loop", {}).get("throughput_tokens_per_s")
-    result["goal"] = goal(
-        "base-only engine vs a bare batched forward loop of the same model (same batches)", ratio, 0.9
+    return with_goal(
+        result,
+        p,
+        "engine-base/bare-loop",
+        "throughput_tokens_per_s",
+        "base-only engine vs a bare batched forward loop of the same model (same batches)",
+        0.9,
     )
-    return result
 
 
 def scenario_adapter_load(bench: Bench, repeats: int = 9) -> dict[str, Any]:

@@ -191,6 +191,17 @@ def run_grpc(
 
 
 # ----------------------------------------------------------------------------------- PEFT
+def left_padded(batch: list[BenchRequest], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompt ids [B, longest] padded on the left, and their attention mask (static batching)."""
+    width = max(len(r.prompt_ids) for r in batch)
+    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(batch), width), dtype=torch.long)
+    for row, request in enumerate(batch):
+        ids[row, width - len(request.prompt_ids) :] = torch.tensor(request.prompt_ids)
+        mask[row, width - len(request.prompt_ids) :] = 1
+    return ids, mask
+
+
 class StepClock:
     """A transformers StoppingCriteria that only records when each decoding step ends."""
 
@@ -228,12 +239,7 @@ class PeftPeer:
         self.model.eval()
 
     def _generate(self, batch: list[BenchRequest], mixed: bool) -> StepClock:
-        width = max(len(r.prompt_ids) for r in batch)
-        ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for row, request in enumerate(batch):  # left padding
-            ids[row, width - len(request.prompt_ids) :] = torch.tensor(request.prompt_ids)
-            mask[row, width - len(request.prompt_ids) :] = 1
+        ids, mask = left_padded(batch, self.pad_id)
         longest = max(r.max_new_tokens for r in batch)
         clock = StepClock()
         kwargs: dict[str, Any] = {
@@ -338,12 +344,7 @@ def run_bare_loop(
     started = time.perf_counter()
     for offset in range(0, len(requests), batch_size):
         batch = requests[offset : offset + batch_size]
-        width = max(len(r.prompt_ids) for r in batch)
-        ids = torch.full((len(batch), width), loaded.tokenizer.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for row, request in enumerate(batch):
-            ids[row, width - len(request.prompt_ids) :] = torch.tensor(request.prompt_ids)
-            mask[row, width - len(request.prompt_ids) :] = 1
+        ids, mask = left_padded(batch, loaded.tokenizer.pad_token_id)
         ids, mask = ids.to(loaded.device), mask.to(loaded.device)
         times = []
         with torch.inference_mode():

@@ -286,23 +286,30 @@ def add_client_commands(commands: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_tokenize)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """`loraserve-client`: the client commands alone (the client-only distribution's script)."""
+def run(args: argparse.Namespace) -> int:
+    """Runs a parsed command: errors are one line on stderr and a non-zero exit, never a traceback."""
     from clients.errors import LoraserveError
 
-    parser = argparse.ArgumentParser(prog="loraserve-client", description="Client of a loraserve server.")
-    add_client_commands(parser.add_subparsers(dest="command", required=True, metavar="COMMAND"))
-    args = parser.parse_args(argv)
     try:
         return args.func(args)
     except LoraserveError as error:
         print(f"loraserve: {error}", file=sys.stderr)
         return 1
-    except (OSError, ValueError) as error:
+    except (OSError, ValueError) as error:  # config errors (ValueError) included
         print(f"loraserve: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
+    except Exception as error:  # noqa: BLE001 - one line, never a traceback
+        print(f"loraserve: unexpected error: {type(error).__name__}: {error}", file=sys.stderr)
+        return 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`loraserve-client`: the client commands alone (the client-only distribution's script)."""
+    parser = argparse.ArgumentParser(prog="loraserve-client", description="Client of a loraserve server.")
+    add_client_commands(parser.add_subparsers(dest="command", required=True, metavar="COMMAND"))
+    return run(parser.parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -14,9 +14,8 @@ import types
 import typing
 from typing import Any
 
-from clients.cli import add_client_commands
-from clients.errors import LoraserveError
-from server.config import ConfigError, ServerConfig, load_config
+from clients.cli import add_client_commands, run
+from server.config import ServerConfig, load_config
 
 
 def _is_bool(annotation: Any) -> bool:
@@ -166,22 +165,7 @@ def main(argv: list[str] | None = None) -> int:
         from server.logs import setup_logging
 
         setup_logging("warning")
-    try:
-        return args.func(args)
-    except ConfigError as error:
-        print(f"loraserve: error: {error}", file=sys.stderr)
-        return 2
-    except LoraserveError as error:
-        print(f"loraserve: {error}", file=sys.stderr)
-        return 1
-    except (ValueError, OSError) as error:
-        print(f"loraserve: error: {error}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 130
-    except Exception as error:  # noqa: BLE001 - one line, never a traceback
-        print(f"loraserve: unexpected error: {type(error).__name__}: {error}", file=sys.stderr)
-        return 1
+    return run(args)  # ConfigError is a ValueError: one line naming the option, exit 2
 
 
 if __name__ == "__main__":

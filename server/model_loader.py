@@ -41,7 +41,6 @@ class LoadedModel:
     dtype: torch.dtype
     max_context_length: int
     model_bytes: int
-    unquantized_layers: dict[str, str]
 
     @property
     def dtype_name(self) -> str:
@@ -171,5 +170,4 @@ def load_base_model(
         dtype=dtype,
         max_context_length=context,
         model_bytes=model_bytes,
-        unquantized_layers={k: v for k, v in keep.items() if "output head" not in v},
     )

@@ -171,9 +171,11 @@ class PeftReference:
         self._cache: dict[tuple, list[int]] = {}
 
     @torch.inference_mode()
-    def generate(self, prompt_ids: list[int], adapter: str, max_new_tokens: int) -> list[int]:
-        """Greedy tokens PEFT generates for one prompt (stops at EOS like the server)."""
-        key = (tuple(prompt_ids), adapter, max_new_tokens)
+    def generate(
+        self, prompt_ids: list[int], adapter: str, max_new_tokens: int, ignore_eos: bool = False
+    ) -> list[int]:
+        """PEFT's greedy tokens for one prompt (stopping at EOS like the server, unless ignore_eos)."""
+        key = (tuple(prompt_ids), adapter, max_new_tokens, ignore_eos)
         if key not in self._cache:
             ids = torch.tensor([prompt_ids])
             kwargs = {
@@ -181,6 +183,8 @@ class PeftReference:
                 "do_sample": False,
                 "pad_token_id": self.tokenizer.pad_token_id,
             }
+            if ignore_eos:
+                kwargs["min_new_tokens"] = max_new_tokens
             if adapter:
                 self.model.set_adapter(adapter)
                 out = self.model.generate(input_ids=ids, **kwargs)

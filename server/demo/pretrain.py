@@ -10,23 +10,8 @@ from typing import Any
 
 import torch
 
+from adapters.training import padded_batches
 from server.toy import build_llama
-
-
-def _batches(lines: list[list[int]], batch_size: int, pad_id: int, rng: random.Random):
-    while True:
-        order = list(range(len(lines)))
-        rng.shuffle(order)
-        for start in range(0, len(order) - batch_size + 1, batch_size):
-            chunk = [lines[i] for i in order[start : start + batch_size]]
-            width = max(map(len, chunk))
-            ids = torch.full((batch_size, width), pad_id, dtype=torch.long)
-            mask = torch.zeros((batch_size, width), dtype=torch.long)
-            for row, seq in enumerate(chunk):
-                ids[row, : len(seq)] = torch.tensor(seq)
-                mask[row, : len(seq)] = 1
-            labels = ids.masked_fill(mask == 0, -100)
-            yield ids, mask, labels
 
 
 def pretrain(
@@ -47,7 +32,9 @@ def pretrain(
     model = build_llama(vocab_size=len(tokenizer), seed=seed, tokenizer=tokenizer, **model_shape)
     model.train()
     lines = [tokenizer(text)["input_ids"] + [tokenizer.eos_token_id] for text in corpus]
-    batches = _batches(lines, batch_size, tokenizer.pad_token_id, random.Random(seed))
+    batches = padded_batches(
+        [(ids, ids) for ids in lines], batch_size, tokenizer.pad_token_id, random.Random(seed)
+    )
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
     warmup = max(1, steps // 20)
     schedule = torch.optim.lr_scheduler.LambdaLR(
@@ -58,7 +45,7 @@ def pretrain(
     started = time.perf_counter()
     with tqdm(total=steps, disable=not progress, desc="pretrain base", unit="step") as bar:
         for _ in range(steps):
-            ids, mask, labels = next(batches)
+            ids, labels, mask = next(batches)
             loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

@@ -143,10 +143,6 @@ class Sequence:
         """Tokens still to run through the model before the next sample."""
         return self.num_tokens - self.num_computed
 
-    def token_at(self, position: int) -> int:
-        n = len(self.prompt_ids)
-        return self.prompt_ids[position] if position < n else self.output_ids[position - n]
-
     def tokens(self, start: int, end: int) -> list[int]:
         return (self.prompt_ids + self.output_ids)[start:end]
 

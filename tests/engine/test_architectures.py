@@ -17,10 +17,20 @@ def _save(kind: str, path) -> None:
     from transformers import MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
     tokenizer = build_tokenizer()
-    common = {"vocab_size": len(tokenizer), "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
-              "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 256,
-              "initializer_range": 0.1, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0,
-              "tie_word_embeddings": False}
+    common = {
+        "vocab_size": len(tokenizer),
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 256,
+        "initializer_range": 0.1,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "pad_token_id": 0,
+        "tie_word_embeddings": False,
+    }
     torch.manual_seed(0)
     if kind == "mistral":
         model = MistralForCausalLM(MistralConfig(sliding_window=8, **common))
@@ -42,7 +52,12 @@ def test_greedy_outputs_match_transformers(kind: str, tmp_path) -> None:
     for prompt, outcome in zip(PROMPTS, outcomes):
         ids = reference.tokenizer(prompt)["input_ids"]
         with torch.inference_mode():
-            out = reference.model.generate(input_ids=torch.tensor([ids]), max_new_tokens=20, min_new_tokens=20,
-                                           do_sample=False, pad_token_id=0)
-        assert outcome.token_ids == out[0, len(ids):].tolist(), (kind, prompt)
+            out = reference.model.generate(
+                input_ids=torch.tensor([ids]),
+                max_new_tokens=20,
+                min_new_tokens=20,
+                do_sample=False,
+                pad_token_id=0,
+            )
+        assert outcome.token_ids == out[0, len(ids) :].tolist(), (kind, prompt)
     engine.shutdown()

@@ -54,29 +54,9 @@ def test_tiny_pool_forces_preemption_and_everything_completes_right(make_driver,
         ids = driver.tokenizer(prompt)["input_ids"]
         assert outcome.finish_reason is FinishReason.LENGTH
         assert len(outcome.token_ids) == max_new
-        expected = _peft_no_eos(peft_ref, ids, adapter, max_new)
+        expected = peft_ref.generate(ids, adapter, max_new, ignore_eos=True)
         assert outcome.token_ids == expected, (prompt, adapter)
     assert driver.engine.blocks.num_free == driver.engine.blocks.num_blocks
-
-
-def _peft_no_eos(peft_ref, ids, adapter, max_new):
-    import torch
-
-    with torch.inference_mode():
-        tensor = torch.tensor([ids])
-        kwargs = {
-            "max_new_tokens": max_new,
-            "min_new_tokens": max_new,
-            "do_sample": False,
-            "pad_token_id": peft_ref.tokenizer.pad_token_id,
-        }
-        if adapter:
-            peft_ref.model.set_adapter(adapter)
-            out = peft_ref.model.generate(input_ids=tensor, **kwargs)
-        else:
-            with peft_ref.model.disable_adapter():
-                out = peft_ref.model.generate(input_ids=tensor, **kwargs)
-    return out[0, len(ids) :].tolist()
 
 
 def test_kv_blocks_and_pins_return_after_finish_cancel_timeout_and_preemption(make_driver) -> None:
