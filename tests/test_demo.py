@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 
@@ -13,7 +15,15 @@ from tests.helpers import ServerThread
 
 @pytest.fixture(scope="session")
 def demo():
-    return ensure_demo(progress=False)  # cached under the user cache dir: built once per machine
+    """`loraserve demo` in its own process (the build is tensor work: alone, it is not slowed by
+    this test process's other threads), cached under the user cache dir: built once per machine."""
+    run = subprocess.run(
+        [sys.executable, "-m", "server.cli", "demo", "--json"], capture_output=True, text=True, timeout=1800
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    built = json.loads(run.stdout)
+    assert built["model_dir"] == str(ensure_demo(progress=False).model_dir)  # the cached build, found again
+    return ensure_demo(progress=False)
 
 
 @pytest.fixture(scope="module")
