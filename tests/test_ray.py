@@ -71,15 +71,16 @@ def expected(peft_ref, prompt: str, adapter: str) -> list[int]:
 
 
 def test_outputs_match_peft_and_requests_stick_to_their_replica(ray_target, peft_ref) -> None:
-    home: dict[str, set[str]] = {}
+    home = {}
+    for adapter in ["", *ADAPTERS]:  # one request each: every adapter is loaded on exactly one replica
+        tokens, home[adapter] = call(ray_target, PROMPTS[0], adapter)
+        assert tokens == expected(peft_ref, PROMPTS[0], adapter), adapter
+    time.sleep(3)  # Ray's routers learn which replica holds which model (pushed every 0.1 s, then polled)
     for _ in range(3):
-        for adapter in ["", *ADAPTERS]:
-            tokens, replica = call(ray_target, PROMPTS[0], adapter)
-            assert tokens == expected(peft_ref, PROMPTS[0], adapter), adapter
-            assert replica
-            home.setdefault(adapter, set()).add(replica)
-    for adapter in ADAPTERS:
-        assert len(home[adapter]) == 1, (adapter, home[adapter])  # always the replica that holds it
+        for adapter in ADAPTERS:
+            tokens, replica = call(ray_target, PROMPTS[1], adapter)
+            assert tokens == expected(peft_ref, PROMPTS[1], adapter), adapter
+            assert replica == home[adapter], (adapter, replica, home[adapter])  # the replica that holds it
 
 
 def test_killing_a_replica_loses_no_retried_request(ray_target, peft_ref) -> None:
