@@ -229,6 +229,34 @@ def padded_batches(
             yield ids, labels, mask
 
 
+def optimize(
+    model: Any,
+    params: list,
+    batches: Any,
+    optimizer: Any,
+    schedule: Any,
+    steps: int,
+    bar: Any,
+    device: Any,
+    window: int = 10,
+) -> list[float]:
+    """The optimisation loop shared by adapter training and the demo's pretraining: one step per
+    batch (clipped at norm 1), the progress bar showing the mean loss of the last `window`."""
+    losses: list[float] = []
+    for _ in range(steps):
+        ids, labels, mask = (t.to(device) for t in next(batches))
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(round(loss.item(), 4))
+        bar.set_postfix(loss=f"{sum(losses[-window:]) / len(losses[-window:]):.3f}")
+        bar.update()
+    return losses
+
+
 def _target_modules(spec: str) -> list[str] | str:
     return "all-linear" if spec == "all-linear" else [m.strip() for m in spec.split(",") if m.strip()]
 
@@ -294,20 +322,9 @@ def train(config: TrainConfig, base_model: Any = None, tokenizer: Any = None) ->
     )
     device = next(p.device for p in model.parameters())
     batches = padded_batches(encoded, batch_size, tokenizer.pad_token_id, random.Random(config.seed))
-    losses: list[float] = []
     model.train()
     with tqdm(total=steps, disable=config.quiet, desc=f"train {config.adapter_id}", unit="step") as bar:
-        for _ in range(steps):
-            ids, labels, mask = (t.to(device) for t in next(batches))
-            loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            optimizer.step()
-            schedule.step()
-            optimizer.zero_grad(set_to_none=True)
-            losses.append(round(loss.item(), 4))
-            bar.set_postfix(loss=f"{sum(losses[-10:]) / len(losses[-10:]):.3f}")
-            bar.update()
+        losses = optimize(model, params, batches, optimizer, schedule, steps, bar, device)
     score, samples = exact_match(model, tokenizer, eval_set, config.eval_max_new_tokens)
     seconds = time.perf_counter() - started
     result = TrainResult(target, steps, seconds, losses, score if eval_set else None, len(eval_set), samples)

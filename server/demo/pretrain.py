@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from adapters.training import padded_batches
+from adapters.training import optimize, padded_batches
 from server.toy import build_llama
 
 
@@ -41,20 +41,11 @@ def pretrain(
         optimizer,
         lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)),
     )
-    losses: list[float] = []
     started = time.perf_counter()
     with tqdm(total=steps, disable=not progress, desc="pretrain base", unit="step") as bar:
-        for _ in range(steps):
-            ids, labels, mask = next(batches)
-            loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
-            schedule.step()
-            optimizer.zero_grad(set_to_none=True)
-            losses.append(round(loss.item(), 4))
-            bar.set_postfix(loss=f"{sum(losses[-20:]) / len(losses[-20:]):.3f}")
-            bar.update()
+        losses = optimize(
+            model, list(model.parameters()), batches, optimizer, schedule, steps, bar, "cpu", window=20
+        )
     model.eval()
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.save_pretrained(out_dir)
