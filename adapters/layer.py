@@ -16,9 +16,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from adapters.ops import LoRAPlan, apply_lora, make_plan
-from adapters.weights import AdapterWeights
-from server.errors import FailedPrecondition
+from loraserve.adapters.ops import LoRAPlan, apply_lora, make_plan
+from loraserve.adapters.weights import AdapterWeights
+from loraserve.errors import FailedPrecondition
 
 DECODER_LAYER_NAME = re.compile(r"(^|\.)layers\.\d+\.")
 

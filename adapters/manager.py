@@ -22,10 +22,11 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from adapters.layer import SlotTable
-from adapters.store import AdapterFiles, AdapterStore, validate_adapter_id
-from adapters.weights import AdapterWeights, read_adapter_weights
-from server.errors import FailedPrecondition, NotFound, ResourceExhausted, ServeError, Unavailable
+from loraserve.adapters.layer import SlotTable
+from loraserve.adapters.store import AdapterFiles, AdapterStore
+from loraserve.adapters.weights import AdapterWeights, read_adapter_weights
+from loraserve.errors import FailedPrecondition, NotFound, ResourceExhausted, ServeError, Unavailable
+from loraserve.ids import validate_adapter_id
 
 log = logging.getLogger(__name__)
 

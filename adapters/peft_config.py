@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from server.errors import FailedPrecondition
+from loraserve.errors import FailedPrecondition
 
 # init_lora_weights values whose adapters only make sense on a base rewritten by them.
 BASE_REWRITING_INITS = ("pissa", "olora", "corda", "loftq", "mica")

@@ -7,36 +7,15 @@ store, so a symlink pointing out is refused. Only safetensors weights are ever r
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from server.errors import FailedPrecondition, InvalidArgument, NotFound
+from loraserve.errors import FailedPrecondition, InvalidArgument, NotFound
+from loraserve.ids import validate_adapter_id
 
-SEGMENT = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
-MAX_ID_CHARS = 128
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 PICKLE_FILES = ("adapter_model.bin", "adapter_model.pt", "adapter_model.pth")
-
-
-def validate_adapter_id(adapter_id: str) -> str:
-    """Returns the id if it is well formed, else raises InvalidArgument naming the rule broken."""
-    if not adapter_id:
-        raise InvalidArgument("adapter_id is empty")
-    if len(adapter_id) > MAX_ID_CHARS:
-        raise InvalidArgument(f"adapter_id is longer than {MAX_ID_CHARS} characters")
-    segments = adapter_id.split("/")
-    if len(segments) > 2:
-        raise InvalidArgument("adapter_id must be `name` or `org/name` (at most two segments)")
-    for segment in segments:
-        if segment in (".", ".."):
-            raise InvalidArgument("adapter_id must not contain `.` or `..` segments")
-        if not SEGMENT.fullmatch(segment):
-            raise InvalidArgument(
-                f"adapter_id segment {segment[:40]!r} must match [A-Za-z0-9][A-Za-z0-9._-]*"
-            )
-    return adapter_id
 
 
 @dataclass(frozen=True)

@@ -24,8 +24,8 @@ from typing import Any
 
 import torch
 
-from adapters.store import validate_adapter_id
-from server.errors import InvalidArgument
+from loraserve.errors import InvalidArgument
+from loraserve.ids import validate_adapter_id
 
 log = logging.getLogger(__name__)
 METADATA_FILE = "loraserve_training.json"
@@ -286,7 +286,7 @@ def train(config: TrainConfig, base_model: Any = None, tokenizer: Any = None) ->
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from tqdm import tqdm
 
-    from server.model_loader import load_base_model
+    from loraserve.model_loader import load_base_model
 
     torch.manual_seed(config.seed)
     started = time.perf_counter()

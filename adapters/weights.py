@@ -20,8 +20,8 @@ from pathlib import Path
 
 import torch
 
-from adapters.peft_config import LoraAdapterConfig, read_adapter_config
-from server.errors import FailedPrecondition
+from loraserve.adapters.peft_config import LoraAdapterConfig, read_adapter_config
+from loraserve.errors import FailedPrecondition
 
 # base_model.model.<module>.lora_A.weight, as PEFT saves it (adapter name stripped).
 LORA_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<kind>[AB])\.weight$")

@@ -12,8 +12,8 @@ from typing import Any
 @contextmanager
 def serve_engine(engine: Any) -> Iterator[str]:
     """Serves `engine` on a free loopback port in a background thread; yields host:port."""
-    from server.app import LoraServer
-    from server.config import ServerConfig
+    from loraserve.app import LoraServer
+    from loraserve.config import ServerConfig
 
     config = ServerConfig(
         model=engine.loaded.name,

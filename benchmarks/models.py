@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from adapters.synthetic import make_peft_adapter
-from server.toy import save_toy_model
+from loraserve.adapters.synthetic import make_peft_adapter
+from loraserve.toy import save_toy_model
 
 SHAPES = {
     "bench": {

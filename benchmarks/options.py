@@ -1,4 +1,4 @@
-"""Flags of `loraserve bench` / `python -m benchmarks.run` (no torch import)."""
+"""Flags of `loraserve bench` / `python -m loraserve.benchmarks.run` (no torch import)."""
 
 from __future__ import annotations
 

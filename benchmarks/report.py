@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.systems import Record
+from loraserve.benchmarks.systems import Record
 
 SCHEMA = "loraserve-bench/1"
 

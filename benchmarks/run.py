@@ -1,4 +1,4 @@
-"""`loraserve bench` / `python -m benchmarks.run`: scenarios, peers in the same run, one JSON report.
+"""`loraserve bench` (`python -m loraserve.benchmarks.run`): scenarios, peers in one run, a JSON report.
 
 Scenarios (DESIGN.md's bench model unless --model-size tiny):
 - decode-distinct: C concurrent requests, each on its own rank-16 adapter (C slots), against the
@@ -23,11 +23,11 @@ from typing import Any
 
 import torch
 
-from benchmarks import systems as sysmod
-from benchmarks.models import BenchAssets, prepare
-from benchmarks.report import plot, ratios, summarize, write_report
-from benchmarks.workload import BenchRequest, WorkloadSpec, make_workload, with_adapter
-from server.demo.options import default_cache_dir
+from loraserve.benchmarks import systems as sysmod
+from loraserve.benchmarks.models import BenchAssets, prepare
+from loraserve.benchmarks.report import plot, ratios, summarize, write_report
+from loraserve.benchmarks.workload import BenchRequest, WorkloadSpec, make_workload, with_adapter
+from loraserve.demo.options import default_cache_dir
 
 
 class Bench:
@@ -52,7 +52,7 @@ class Bench:
 
     def decode(self, ids: list[int]) -> str:
         if self._tokenizer is None:
-            from server.model_loader import load_tokenizer
+            from loraserve.model_loader import load_tokenizer
 
             self._tokenizer = load_tokenizer(str(self.assets(1).model_dir))
         return self._tokenizer.decode(ids, skip_special_tokens=True)
@@ -82,8 +82,8 @@ class Bench:
 
     def engine(self, assets: BenchAssets, slots: int, requests: list[BenchRequest], concurrency: int) -> Any:
         """An engine on its own thread (model loaded there too), warmed up."""
-        from server.engine.engine import Engine, EngineConfig
-        from server.model_loader import load_base_model
+        from loraserve.engine.engine import Engine, EngineConfig
+        from loraserve.model_loader import load_base_model
 
         def build() -> tuple[Any, EngineConfig]:
             loaded = load_base_model(str(assets.model_dir), self.args.quantization, self.device, "auto")
@@ -245,7 +245,7 @@ class Bench:
             target = self.args.target
             with self.progress("grpc", len(requests)) as bar:
                 return sysmod.run_grpc(target, requests, workload, concurrency, bar.update)
-        from benchmarks.inprocess import serve_engine
+        from loraserve.benchmarks.inprocess import serve_engine
 
         with serve_engine(engine) as target, self.progress("grpc", len(requests)) as bar:
             return sysmod.run_grpc(target, requests, workload, concurrency, bar.update)
@@ -408,10 +408,10 @@ def scenario_adapter_load(bench: Bench, repeats: int = 9) -> dict[str, Any]:
     """disk -> device slot through the adapter manager, against PEFT's load_adapter of the same files."""
 
     def measure() -> dict[str, Any]:
-        from adapters.layer import SlotTable
-        from adapters.manager import AdapterManager
-        from adapters.store import AdapterStore
-        from server.model_loader import load_base_model
+        from loraserve.adapters.layer import SlotTable
+        from loraserve.adapters.manager import AdapterManager
+        from loraserve.adapters.store import AdapterStore
+        from loraserve.model_loader import load_base_model
 
         assets = bench.assets(repeats)
         loaded = load_base_model(str(assets.model_dir), bench.args.quantization, bench.device, "auto")
@@ -568,10 +568,12 @@ def bench_cli(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from benchmarks.options import add_bench_flags
-    from server.logs import setup_logging
+    from loraserve.benchmarks.options import add_bench_flags
+    from loraserve.logs import setup_logging
 
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m loraserve.benchmarks.run", description=__doc__.splitlines()[0]
+    )
     add_bench_flags(parser)
     setup_logging("warning")
     return bench_cli(parser.parse_args(argv))

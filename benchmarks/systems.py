@@ -22,8 +22,9 @@ from typing import Any
 
 import torch
 
-from benchmarks.workload import BenchRequest
-from server.engine.sequence import GenerationRequest, StoppingCriteria
+from loraserve.benchmarks.workload import BenchRequest
+from loraserve.engine.sequence import GenerationRequest, StoppingCriteria
+from loraserve.ids import BASE
 
 
 @dataclass
@@ -143,7 +144,7 @@ def run_grpc(
     concurrency: int,
     progress: Progress = lambda n: None,
 ) -> list[Record]:
-    from clients import AsyncClient
+    from loraserve_client import AsyncClient
 
     async def one(client: AsyncClient, request: BenchRequest) -> Record:
         record = Record(
@@ -221,7 +222,7 @@ class PeftPeer:
     ) -> None:
         from peft import PeftModel
 
-        from server.model_loader import load_base_model
+        from loraserve.model_loader import load_base_model
 
         loaded = load_base_model(model_dir, quantization, device, "auto")
         self.device = loaded.device
@@ -253,7 +254,7 @@ class PeftPeer:
         }
         with torch.inference_mode():
             if mixed:
-                names = [self.names.get(r.adapter, "__base__") if r.adapter else "__base__" for r in batch]
+                names = [self.names.get(r.adapter, BASE) if r.adapter else BASE for r in batch]
                 self.model.generate(adapter_names=names, **kwargs)
             elif batch[0].adapter:
                 self.model.set_adapter(self.names[batch[0].adapter])
@@ -336,7 +337,7 @@ def run_bare_loop(
     progress: Progress = lambda n: None,
 ) -> list[Record]:
     """The base model alone: prefill a static batch, then one forward per token with HF's cache."""
-    from server.model_loader import load_base_model
+    from loraserve.model_loader import load_base_model
 
     loaded = load_base_model(model_dir, quantization, device, "auto")
     model = loaded.model

@@ -2,58 +2,57 @@
 
 Imports only grpcio and protobuf (never torch or transformers), so services that call
 loraserve stay light. See README "Python client".
+
+The names below load on first use (PEP 562), so that the server, which imports only the
+generated wire stubs in `loraserve_client.api`, never loads the client itself.
 """
 
-from clients.aio import AsyncClient
-from clients.base import ClientOptions
-from clients.client import Client
-from clients.errors import (
-    AdapterNotFound,
-    AdapterRejected,
-    Cancelled,
-    DeadlineExceeded,
-    InvalidRequest,
-    LoraserveError,
-    Overloaded,
-    PermissionDenied,
-    ServerError,
-    Unauthenticated,
-    Unavailable,
-)
-from clients.types import (
-    AdapterInfo,
-    Generation,
-    LoadResult,
-    ModelInfo,
-    Sampling,
-    Stopping,
-    StreamChunk,
-    Tokens,
-    Usage,
-)
+from __future__ import annotations
 
-__all__ = [
-    "AdapterInfo",
-    "AdapterNotFound",
-    "AdapterRejected",
-    "AsyncClient",
-    "Cancelled",
-    "Client",
-    "ClientOptions",
-    "DeadlineExceeded",
-    "Generation",
-    "InvalidRequest",
-    "LoadResult",
-    "LoraserveError",
-    "ModelInfo",
-    "Overloaded",
-    "PermissionDenied",
-    "Sampling",
-    "ServerError",
-    "Stopping",
-    "StreamChunk",
-    "Tokens",
-    "Unauthenticated",
-    "Unavailable",
-    "Usage",
-]
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "AsyncClient": "aio",
+    "ClientOptions": "base",
+    "Client": "client",
+    **dict.fromkeys(
+        (
+            "AdapterNotFound",
+            "AdapterRejected",
+            "Cancelled",
+            "DeadlineExceeded",
+            "InvalidRequest",
+            "LoraserveError",
+            "Overloaded",
+            "PermissionDenied",
+            "ServerError",
+            "Unauthenticated",
+            "Unavailable",
+        ),
+        "errors",
+    ),
+    **dict.fromkeys(
+        (
+            "AdapterInfo",
+            "Generation",
+            "LoadResult",
+            "ModelInfo",
+            "Sampling",
+            "Stopping",
+            "StreamChunk",
+            "Tokens",
+            "Usage",
+        ),
+        "types",
+    ),
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'loraserve_client' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"loraserve_client.{module}"), name)

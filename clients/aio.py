@@ -16,12 +16,26 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from clients.api import loraserve_pb2 as pb2
-from clients.api import loraserve_pb2_grpc as pb2_grpc
-from clients.base import ClientOptions, chat_request, generate_request, sampling_kwargs, tokenize_request
-from clients.client import HEALTH_STATES
-from clients.errors import from_rpc_error
-from clients.types import AdapterInfo, Generation, LoadResult, Message, ModelInfo, StreamChunk, Tokens
+from loraserve_client.api import loraserve_pb2 as pb2
+from loraserve_client.api import loraserve_pb2_grpc as pb2_grpc
+from loraserve_client.base import (
+    ClientOptions,
+    chat_request,
+    generate_request,
+    sampling_kwargs,
+    tokenize_request,
+)
+from loraserve_client.client import HEALTH_STATES
+from loraserve_client.errors import from_rpc_error
+from loraserve_client.types import (
+    AdapterInfo,
+    Generation,
+    LoadResult,
+    Message,
+    ModelInfo,
+    StreamChunk,
+    Tokens,
+)
 
 
 class AsyncClient:

@@ -9,8 +9,8 @@ from typing import Any
 
 import grpc
 
-from clients.api import loraserve_pb2 as pb2
-from clients.types import Message, request_fields, to_messages
+from loraserve_client.api import loraserve_pb2 as pb2
+from loraserve_client.types import Message, request_fields, to_messages
 
 DEFAULT_TARGET = "127.0.0.1:50051"
 CHANNEL_OPTIONS = [

@@ -14,9 +14,9 @@ import time
 from dataclasses import asdict
 from typing import Any
 
-from clients.base import DEFAULT_TARGET
-from clients.client import Client
-from clients.types import AdapterInfo
+from loraserve_client.base import DEFAULT_TARGET
+from loraserve_client.client import Client
+from loraserve_client.types import AdapterInfo
 
 CHAT_HELP = "Commands: /adapter ID (switch adapter; empty = base model), /reset, /history, /exit"
 
@@ -288,7 +288,7 @@ def add_client_commands(commands: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Runs a parsed command: errors are one line on stderr and a non-zero exit, never a traceback."""
-    from clients.errors import LoraserveError
+    from loraserve_client.errors import LoraserveError
 
     try:
         return args.func(args)

@@ -1,6 +1,6 @@
 """The synchronous Python client.
 
-from clients import Client
+from loraserve_client import Client
 with Client("127.0.0.1:50051") as client:
     print(client.generate("Translate: bom dia", adapter="pt-en").text)
     for chunk in client.generate_stream("Hello", max_new_tokens=32):
@@ -16,11 +16,25 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from clients.api import loraserve_pb2 as pb2
-from clients.api import loraserve_pb2_grpc as pb2_grpc
-from clients.base import ClientOptions, chat_request, generate_request, sampling_kwargs, tokenize_request
-from clients.errors import from_rpc_error
-from clients.types import AdapterInfo, Generation, LoadResult, Message, ModelInfo, StreamChunk, Tokens
+from loraserve_client.api import loraserve_pb2 as pb2
+from loraserve_client.api import loraserve_pb2_grpc as pb2_grpc
+from loraserve_client.base import (
+    ClientOptions,
+    chat_request,
+    generate_request,
+    sampling_kwargs,
+    tokenize_request,
+)
+from loraserve_client.errors import from_rpc_error
+from loraserve_client.types import (
+    AdapterInfo,
+    Generation,
+    LoadResult,
+    Message,
+    ModelInfo,
+    StreamChunk,
+    Tokens,
+)
 
 HEALTH_STATES = {v: k for k, v in health_pb2.HealthCheckResponse.ServingStatus.items()}
 

@@ -6,7 +6,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from clients.api import loraserve_pb2 as pb2
+from loraserve_client.api import loraserve_pb2 as pb2
 
 FINISH_REASONS = {
     pb2.FINISH_REASON_UNSPECIFIED: None,

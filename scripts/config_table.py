@@ -15,7 +15,7 @@ BEGIN, END = "<!-- config-table:begin -->", "<!-- config-table:end -->"
 
 
 def table() -> str:
-    from server.config import ServerConfig
+    from loraserve.config import ServerConfig
 
     rows = ["| flag | env var | default | what it does |", "|---|---|---|---|"]
     for name, field in ServerConfig.model_fields.items():

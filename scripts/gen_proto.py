@@ -4,7 +4,7 @@ Usage: python scripts/gen_proto.py [--out DIR]
 
 The stubs are checked in (tests/test_proto_stubs.py fails when they are stale). protoc writes
 `from loraserve.v1 import loraserve_pb2`; we rewrite that import to the package the stubs live
-in, `clients.api`, so that both the server and the torch-free client import them.
+in, `loraserve_client.api` (clients/api/), so that both the server and the torch-free client import them.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 PROTO_ROOT = ROOT / "proto"
 PROTO_FILE = "loraserve/v1/loraserve.proto"
-OUT_PACKAGE = "clients.api"
+OUT_PACKAGE = "loraserve_client.api"
 GENERATED = ("loraserve_pb2.py", "loraserve_pb2.pyi", "loraserve_pb2_grpc.py")
 
 

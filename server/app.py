@@ -20,14 +20,14 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from server.auth import KeyRing
-from server.config import ConfigError, ServerConfig, is_loopback
-from server.engine.engine import Engine, EngineConfig
-from server.handlers import Gate, service_handler
-from server.metrics import Metrics
-from server.model_loader import LoadedModel, load_base_model
-from server.service import AdapterAdminService, InferenceService
-from server.validation import Limits
+from loraserve.auth import KeyRing
+from loraserve.config import ConfigError, ServerConfig, is_loopback
+from loraserve.engine.engine import Engine, EngineConfig
+from loraserve.handlers import Gate, service_handler
+from loraserve.metrics import Metrics
+from loraserve.model_loader import LoadedModel, load_base_model
+from loraserve.service import AdapterAdminService, InferenceService
+from loraserve.validation import Limits
 
 log = logging.getLogger(__name__)
 SERVICES = ("loraserve.v1.Inference", "loraserve.v1.AdapterAdmin")
@@ -58,7 +58,7 @@ def resolve_model(config: ServerConfig) -> ServerConfig:
     """With no --model, serve the demo (built on first use) and its adapter store."""
     if config.model is not None:
         return config
-    from server.demo.build import ensure_demo
+    from loraserve.demo.build import ensure_demo
 
     log.info("no --model given: serving the demo model (building it on first use)")
     demo = ensure_demo()

@@ -24,8 +24,8 @@ from pathlib import Path
 
 from pydantic import BaseModel, Field, ValidationError, field_validator
 
-from server.config import ConfigError
-from server.errors import PermissionDenied, Unauthenticated
+from loraserve.config import ConfigError
+from loraserve.errors import PermissionDenied, Unauthenticated
 
 KEY_PREFIX = "lsk_"
 

@@ -14,8 +14,8 @@ import types
 import typing
 from typing import Any
 
-from clients.cli import add_client_commands, run
-from server.config import ServerConfig, load_config
+from loraserve.config import ServerConfig, load_config
+from loraserve_client.cli import add_client_commands, run
 
 
 def _is_bool(annotation: Any) -> bool:
@@ -59,8 +59,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     config = config_from_args(args)
     import asyncio
 
-    from server.app import LoraServer
-    from server.logs import setup_logging
+    from loraserve.app import LoraServer
+    from loraserve.logs import setup_logging
 
     setup_logging(config.log_level, config.log_format)
     return asyncio.run(LoraServer(config).run())
@@ -68,9 +68,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_serve_ray(args: argparse.Namespace) -> int:
     config = config_from_args(args)
-    from server.app import resolve_model
-    from server.logs import setup_logging
-    from server.ray_app import run_forever
+    from loraserve.app import resolve_model
+    from loraserve.logs import setup_logging
+    from loraserve.ray_app import run_forever
 
     setup_logging(config.log_level, config.log_format)
     config = resolve_model(config)  # the demo is built once, here, not by every replica
@@ -80,7 +80,7 @@ def cmd_serve_ray(args: argparse.Namespace) -> int:
 
 
 def cmd_keygen(args: argparse.Namespace) -> int:
-    from server.auth import key_entry_toml, new_key
+    from loraserve.auth import key_entry_toml, new_key
 
     key = new_key()
     print(
@@ -91,19 +91,19 @@ def cmd_keygen(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from server.demo.build import build_demo_cli
+    from loraserve.demo.build import build_demo_cli
 
     return build_demo_cli(args)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from adapters.training import train_cli
+    from loraserve.adapters.training import train_cli
 
     return train_cli(args)
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from benchmarks.run import bench_cli
+    from loraserve.benchmarks.run import bench_cli
 
     return bench_cli(args)
 
@@ -131,19 +131,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_serve_ray)
 
     p = commands.add_parser("demo", help="build the demo model and adapters (cached)")
-    from server.demo.options import add_demo_flags
+    from loraserve.demo.options import add_demo_flags
 
     add_demo_flags(p)
     p.set_defaults(func=cmd_demo)
 
     p = commands.add_parser("train", help="QLoRA-train one adapter into an adapter store")
-    from adapters.training_options import add_train_flags
+    from loraserve.adapters.training_options import add_train_flags
 
     add_train_flags(p)
     p.set_defaults(func=cmd_train)
 
     p = commands.add_parser("bench", help="benchmark the engine against its peers")
-    from benchmarks.options import add_bench_flags
+    from loraserve.benchmarks.options import add_bench_flags
 
     add_bench_flags(p)
     p.set_defaults(func=cmd_bench)
@@ -162,7 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command not in ("serve", "serve-ray"):  # they configure logging from their config
-        from server.logs import setup_logging
+        from loraserve.logs import setup_logging
 
         setup_logging("warning")
     return run(args)  # ConfigError is a ValueError: one line naming the option, exit 2

@@ -1,7 +1,7 @@
-"""Domain errors, each carrying the gRPC status code it maps to (DESIGN.md, Status codes).
+"""Domain errors, each carrying the gRPC status code it maps to (docs/api.md, "Status codes").
 
-Raised anywhere in the server, the engine or the adapter system; turned into a gRPC status
-in one place (server.interceptors). This module imports no grpc so that plain library code
+Raised anywhere in the server, the engine or the adapter system; turned into a status in one
+place per front end (loraserve.handlers for gRPC). This module imports no grpc so that plain library code
 (adapters, engine) can raise them.
 """
 
@@ -44,14 +44,6 @@ class Unauthenticated(ServeError):
 
 class PermissionDenied(ServeError):
     code = "PERMISSION_DENIED"
-
-
-class DeadlineExceeded(ServeError):
-    code = "DEADLINE_EXCEEDED"
-
-
-class Cancelled(ServeError):
-    code = "CANCELLED"
 
 
 class InternalError(ServeError):

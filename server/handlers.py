@@ -18,9 +18,9 @@ from typing import Any
 
 import grpc
 
-from clients.api import loraserve_pb2 as pb2
-from server.auth import ANONYMOUS, Principal
-from server.errors import InternalError, InvalidArgument, ServeError, Unavailable
+from loraserve.auth import ANONYMOUS, Principal
+from loraserve.errors import InternalError, InvalidArgument, ServeError, Unavailable
+from loraserve_client.api import loraserve_pb2 as pb2
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """Every Prometheus metric of loraserve, in its own registry, and the /metrics endpoint.
 
-Names follow DESIGN.md (prefix `loraserve_`, base units, `_total` on counters). Adapter ids
+Names follow docs/api.md (prefix `loraserve_`, base units, `_total` on counters). Adapter ids
 appear as label values only for the top `metrics_max_adapter_labels` adapters by traffic;
 the rest share `__other__`, so a thousand adapters cannot blow up cardinality.
 """
@@ -13,9 +13,11 @@ from collections import Counter as CountMap
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
+from loraserve.ids import BASE
+
 PREFIX = "loraserve"
 OTHER = "__other__"
-BASE = "__base__"
+
 # Latency buckets from 1 ms to 10 min: a token on a GPU up to a long generation on a CPU.
 LATENCY_BUCKETS = (
     0.001,

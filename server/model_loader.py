@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from server.config import ConfigError
+from loraserve.config import ConfigError
 
 log = logging.getLogger(__name__)
 

@@ -22,17 +22,18 @@ from typing import Any
 
 import grpc
 
-from server.config import ServerConfig
-from server.errors import InternalError, ServeError
-from server.handlers import Call, Undecodable
+from loraserve.config import ServerConfig
+from loraserve.errors import InternalError, ServeError
+from loraserve.handlers import Call, Undecodable
+from loraserve.ids import BASE
 
 log = logging.getLogger(__name__)
 APP_NAME = "loraserve"
 REPLICA_HEADER = "x-loraserve-replica"
-BASE_MODEL_ID = "__base__"
+BASE_MODEL_ID = BASE
 SERVICER_FUNCTIONS = [
-    "clients.api.loraserve_pb2_grpc.add_InferenceServicer_to_server",
-    "clients.api.loraserve_pb2_grpc.add_AdapterAdminServicer_to_server",
+    "loraserve_client.api.loraserve_pb2_grpc.add_InferenceServicer_to_server",
+    "loraserve_client.api.loraserve_pb2_grpc.add_AdapterAdminServicer_to_server",
 ]
 
 
@@ -71,13 +72,13 @@ def make_deployment(config: ServerConfig, replicas: int, num_cpus: float, num_gp
     )
     class LoraserveReplica:
         def __init__(self, config_json: str) -> None:
-            from server.auth import ANONYMOUS, KeyRing
-            from server.engine.engine import Engine, EngineConfig
-            from server.logs import setup_logging
-            from server.metrics import Metrics
-            from server.model_loader import load_base_model
-            from server.service import AdapterAdminService, InferenceService
-            from server.validation import Limits
+            from loraserve.auth import ANONYMOUS, KeyRing
+            from loraserve.engine.engine import Engine, EngineConfig
+            from loraserve.logs import setup_logging
+            from loraserve.metrics import Metrics
+            from loraserve.model_loader import load_base_model
+            from loraserve.service import AdapterAdminService, InferenceService
+            from loraserve.validation import Limits
 
             self.config = ServerConfig.model_validate_json(config_json)
             setup_logging(self.config.log_level, self.config.log_format)
@@ -131,7 +132,7 @@ def make_deployment(config: ServerConfig, replicas: int, num_cpus: float, num_gp
             call = Call(os.urandom(8).hex(), method, self.anonymous)
             grpc_context.set_trailing_metadata([(REPLICA_HEADER, self.replica_id)])
             if isinstance(request, Undecodable):
-                from server.errors import InvalidArgument
+                from loraserve.errors import InvalidArgument
 
                 raise InvalidArgument(f"request is not a valid {request.type_name}")
             if self.keyring is not None:

@@ -16,14 +16,13 @@ from typing import Any
 
 import grpc
 
-from clients.api import loraserve_pb2 as pb2
-from server.engine.engine import Engine
-from server.engine.sequence import FinishReason, GenerationRequest, SequenceOutput
-from server.errors import InvalidArgument, ResourceExhausted, ServeError
-from server.handlers import Call
-from server.logs import log_request
-from server.model_loader import LoadedModel
-from server.validation import (
+from loraserve.engine.engine import Engine
+from loraserve.engine.sequence import FinishReason, GenerationRequest, SequenceOutput
+from loraserve.errors import InvalidArgument, ResourceExhausted, ServeError
+from loraserve.handlers import Call
+from loraserve.logs import log_request
+from loraserve.model_loader import LoadedModel
+from loraserve.validation import (
     Limits,
     check_adapter_id,
     check_messages,
@@ -33,6 +32,7 @@ from server.validation import (
     check_stopping,
     render_chat,
 )
+from loraserve_client.api import loraserve_pb2 as pb2
 
 FINISH_REASONS = {
     FinishReason.LENGTH: pb2.FINISH_REASON_LENGTH,
@@ -248,7 +248,7 @@ class InferenceService:
     async def ModelInfo(
         self, request: pb2.ModelInfoRequest, context: Any, call: Call
     ) -> pb2.ModelInfoResponse:
-        from server import __version__
+        from loraserve import __version__
 
         loaded = self.loaded
         return pb2.ModelInfoResponse(

@@ -10,9 +10,9 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from adapters.store import validate_adapter_id
-from server.engine.sequence import SamplingParams, StoppingCriteria
-from server.errors import FailedPrecondition, InvalidArgument
+from loraserve.engine.sequence import SamplingParams, StoppingCriteria
+from loraserve.errors import FailedPrecondition, InvalidArgument
+from loraserve.ids import validate_adapter_id
 
 CHAT_ROLES = ("system", "user", "assistant")
 MAX_TEMPERATURE = 100.0

@@ -56,7 +56,7 @@ def server(toy: Toy) -> ServerThread:
 
 @pytest.fixture
 def client(server: ServerThread):
-    from clients import Client
+    from loraserve_client import Client
 
     with Client(server.target, timeout=60) as c:
         yield c

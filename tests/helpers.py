@@ -11,9 +11,9 @@ from typing import Any
 
 import torch
 
-from adapters.synthetic import make_peft_adapter
-from server.config import ServerConfig
-from server.toy import save_toy_model
+from loraserve.adapters.synthetic import make_peft_adapter
+from loraserve.config import ServerConfig
+from loraserve.toy import save_toy_model
 
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 # Adapters of the toy store: ids -> make_peft_adapter kwargs (ranks, targets, scaling all differ).
@@ -95,7 +95,7 @@ class ServerThread:
         self._loop.run_until_complete(self._main())
 
     async def _main(self) -> None:
-        from server.app import LoraServer
+        from loraserve.app import LoraServer
 
         self._stop = asyncio.Event()
         try:
@@ -157,7 +157,7 @@ class PeftReference:
     def __init__(self, toy: Toy, quantization: str = "nf4") -> None:
         from peft import PeftModel
 
-        from server.model_loader import load_base_model
+        from loraserve.model_loader import load_base_model
 
         loaded = load_base_model(str(toy.base), quantization, "cpu", "float32")
         self.tokenizer = loaded.tokenizer

@@ -6,9 +6,9 @@ import argparse
 import json
 from pathlib import Path
 
-from benchmarks.options import add_bench_flags
-from benchmarks.report import SCHEMA
-from benchmarks.run import run
+from loraserve.benchmarks.options import add_bench_flags
+from loraserve.benchmarks.report import SCHEMA
+from loraserve.benchmarks.run import run
 
 SYSTEMS = ["engine", "engine-base", "grpc", "peft-batch", "peft-serial", "bare-loop"]
 

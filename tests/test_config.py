@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from server.cli import build_parser
-from server.config import ConfigError, ServerConfig, is_loopback, load_config
+from loraserve.cli import build_parser
+from loraserve.config import ConfigError, ServerConfig, is_loopback, load_config
 
 CONTRACT_FLAGS = [
     "--model",

@@ -6,7 +6,7 @@ import json
 import re
 from pathlib import Path
 
-from server.metrics import Metrics
+from loraserve.metrics import Metrics
 
 ROOT = Path(__file__).resolve().parent.parent
 

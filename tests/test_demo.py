@@ -8,8 +8,8 @@ import sys
 
 import pytest
 
-from clients import Client
-from server.demo.build import ensure_demo
+from loraserve.demo.build import ensure_demo
+from loraserve_client import Client
 from tests.helpers import ServerThread
 
 
@@ -18,7 +18,10 @@ def demo():
     """`loraserve demo` in its own process (the build is tensor work: alone, it is not slowed by
     this test process's other threads), cached under the user cache dir: built once per machine."""
     run = subprocess.run(
-        [sys.executable, "-m", "server.cli", "demo", "--json"], capture_output=True, text=True, timeout=1800
+        [sys.executable, "-m", "loraserve.cli", "demo", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=1800,
     )
     assert run.returncode == 0, run.stderr[-2000:]
     built = json.loads(run.stdout)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from clients import Client
+from loraserve_client import Client
 from tests.helpers import PROMPTS, TOY_ADAPTERS
 
 MAX_NEW = 12

@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
-from clients.api import loraserve_pb2 as pb2
+from loraserve_client.api import loraserve_pb2 as pb2
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -9,12 +9,12 @@ import time
 import grpc
 import pytest
 
-from clients import Client
-from clients.api import loraserve_pb2 as pb2
-from clients.api import loraserve_pb2_grpc as pb2_grpc
-from clients.base import ClientOptions
-from server import ray_app
-from server.config import ServerConfig
+from loraserve import ray_app
+from loraserve.config import ServerConfig
+from loraserve_client import Client
+from loraserve_client.api import loraserve_pb2 as pb2
+from loraserve_client.api import loraserve_pb2_grpc as pb2_grpc
+from loraserve_client.base import ClientOptions
 from tests.helpers import PROMPTS, TOY_ADAPTERS, free_port
 
 ADAPTERS = list(TOY_ADAPTERS)

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from adapters.training import DataError, TrainConfig, encode, read_jsonl, train
-from clients import Client
-from server.model_loader import load_tokenizer
+from loraserve.adapters.training import DataError, TrainConfig, encode, read_jsonl, train
+from loraserve.model_loader import load_tokenizer
+from loraserve_client import Client
 from tests.helpers import ServerThread
 
 
@@ -71,7 +71,7 @@ def test_qlora_training_lowers_the_loss_and_the_adapter_serves(toy, tmp_path: Pa
 
 
 def test_chat_labels_cover_only_assistant_turns(toy) -> None:
-    from adapters.training import Example
+    from loraserve.adapters.training import Example
 
     tokenizer = load_tokenizer(str(toy.base))
     example = Example(
@@ -119,7 +119,7 @@ def test_cli_reports_bad_data_in_one_line(toy, tmp_path: Path) -> None:
         [
             sys.executable,
             "-m",
-            "server.cli",
+            "loraserve.cli",
             "train",
             "--model",
             str(toy.base),

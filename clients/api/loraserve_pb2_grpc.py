@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from clients.api import loraserve_pb2 as loraserve_dot_v1_dot_loraserve__pb2
+from loraserve_client.api import loraserve_pb2 as loraserve_dot_v1_dot_loraserve__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__

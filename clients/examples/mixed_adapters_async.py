@@ -9,7 +9,7 @@ import argparse
 import asyncio
 import time
 
-from clients import AsyncClient
+from loraserve_client import AsyncClient
 
 JOBS = [
     ("pt-en", "o gato preto"),

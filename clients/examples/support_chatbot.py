@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from clients import Client
+from loraserve_client import Client
 
 
 def main() -> None:

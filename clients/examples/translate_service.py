@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import argparse
 
-from clients import Client
+from loraserve_client import Client
 
 
 def translate(client: Client, phrases: list[str], adapter: str = "pt-en") -> list[str]:

@@ -20,8 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from server.demo import corpus as data
-from server.demo.options import default_cache_dir
+from loraserve.demo import corpus as data
+from loraserve.demo.options import default_cache_dir
 
 DEMO_VERSION = 3
 SEED = 0
@@ -112,10 +112,10 @@ def build(root: Path, progress: bool = True) -> dict[str, Any]:
     """Builds everything into `root` (which must not exist) and returns the report."""
     import torch
 
-    from adapters.training import TrainConfig, exact_match, read_jsonl, train
-    from server.demo.pretrain import pretrain
-    from server.model_loader import load_base_model
-    from server.toy import build_tokenizer
+    from loraserve.adapters.training import TrainConfig, exact_match, read_jsonl, train
+    from loraserve.demo.pretrain import pretrain
+    from loraserve.model_loader import load_base_model
+    from loraserve.toy import build_tokenizer
 
     started = time.perf_counter()
     torch.manual_seed(SEED)

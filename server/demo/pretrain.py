@@ -10,8 +10,8 @@ from typing import Any
 
 import torch
 
-from adapters.training import optimize, padded_batches
-from server.toy import build_llama
+from loraserve.adapters.training import optimize, padded_batches
+from loraserve.toy import build_llama
 
 
 def pretrain(

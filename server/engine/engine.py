@@ -24,15 +24,15 @@ from typing import Any
 
 import torch
 
-from adapters.layer import SlotTable
-from adapters.manager import AdapterManager
-from adapters.store import AdapterStore
-from server.engine.detokenizer import IncrementalDetokenizer, StopChecker
-from server.engine.kv_cache import BlockManager, KVCache
-from server.engine.runner import ModelRunner, ScheduledSeq
-from server.engine.sampler import sample
-from server.engine.scheduler import Scheduler
-from server.engine.sequence import (
+from loraserve.adapters.layer import SlotTable
+from loraserve.adapters.manager import AdapterManager
+from loraserve.adapters.store import AdapterStore
+from loraserve.engine.detokenizer import IncrementalDetokenizer, StopChecker
+from loraserve.engine.kv_cache import BlockManager, KVCache
+from loraserve.engine.runner import ModelRunner, ScheduledSeq
+from loraserve.engine.sampler import sample
+from loraserve.engine.scheduler import Scheduler
+from loraserve.engine.sequence import (
     FinishReason,
     GenerationRequest,
     Sequence,
@@ -40,8 +40,9 @@ from server.engine.sequence import (
     Status,
     StoppingCriteria,
 )
-from server.errors import InternalError, ResourceExhausted, ServeError, Unavailable
-from server.model_loader import LoadedModel
+from loraserve.errors import InternalError, ResourceExhausted, ServeError, Unavailable
+from loraserve.ids import tenant_of
+from loraserve.model_loader import LoadedModel
 
 log = logging.getLogger(__name__)
 IDLE_WAIT_SECONDS = 0.05
@@ -185,7 +186,7 @@ class Engine:
                 f"prompt + max_new_tokens = {need} tokens exceeds the KV cache capacity of "
                 f"{self.capacity_tokens}"
             )
-        tenant = request.tenant or request.adapter_id or "__base__"
+        tenant = tenant_of(request.tenant, request.adapter_id)
         with self._lock:
             waiting = self._in_flight_total - self.scheduler.num_running
             if waiting >= self.config.max_queue_size:

@@ -14,11 +14,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from adapters.layer import SlotTable
-from server.engine.attention import AttentionMetadata, PrefillChunk, register, set_metadata
-from server.engine.kv_cache import KVCache
-from server.engine.sequence import Sequence
-from server.errors import FailedPrecondition
+from loraserve.adapters.layer import SlotTable
+from loraserve.engine.attention import AttentionMetadata, PrefillChunk, register, set_metadata
+from loraserve.engine.kv_cache import KVCache
+from loraserve.engine.sequence import Sequence
+from loraserve.errors import FailedPrecondition
 
 
 @dataclass

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from server.engine.sequence import SamplingParams
+from loraserve.engine.sequence import SamplingParams
 
 
 def apply_repetition_penalty(logits: torch.Tensor, seen: list[list[int]], penalties: list[float]) -> None:

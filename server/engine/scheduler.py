@@ -13,11 +13,11 @@ from __future__ import annotations
 
 from collections import deque
 
-from server.engine.fairness import VirtualTokenCounter
-from server.engine.kv_cache import BlockManager
-from server.engine.runner import ScheduledSeq
-from server.engine.sequence import Sequence, Status
-from server.errors import ServeError
+from loraserve.engine.fairness import VirtualTokenCounter
+from loraserve.engine.kv_cache import BlockManager
+from loraserve.engine.runner import ScheduledSeq
+from loraserve.engine.sequence import Sequence, Status
+from loraserve.errors import ServeError
 
 # How far into one tenant's queue to look for a request whose adapter is ready.
 LOOKAHEAD = 16

@@ -15,6 +15,8 @@ from typing import Any
 
 import torch
 
+from loraserve.ids import tenant_of
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -128,7 +130,7 @@ class Sequence:
 
     @property
     def tenant(self) -> str:
-        return self.request.tenant or self.request.adapter_id or "__base__"
+        return tenant_of(self.request.tenant, self.request.adapter_id)
 
     @property
     def adapter_id(self) -> str:

@@ -7,11 +7,11 @@ import random
 import pytest
 import torch
 
-from adapters.layer import SlotTable
-from adapters.ops import lora_reference
-from adapters.store import AdapterStore
-from adapters.weights import read_adapter_weights
-from server.model_loader import load_base_model
+from loraserve.adapters.layer import SlotTable
+from loraserve.adapters.ops import lora_reference
+from loraserve.adapters.store import AdapterStore
+from loraserve.adapters.weights import read_adapter_weights
+from loraserve.model_loader import load_base_model
 from tests.helpers import TOY_ADAPTERS, PeftReference
 
 IDS = list(TOY_ADAPTERS)

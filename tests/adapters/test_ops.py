@@ -7,7 +7,7 @@ import random
 import pytest
 import torch
 
-from adapters.ops import apply_lora, choose_bmm_slots, lora_reference, make_plan
+from loraserve.adapters.ops import apply_lora, choose_bmm_slots, lora_reference, make_plan
 
 LONG = 37  # a prefill chunk
 

@@ -11,10 +11,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from adapters.peft_config import parse_adapter_config
-from adapters.store import AdapterStore, validate_adapter_id
-from adapters.weights import read_adapter_weights
-from server.errors import FailedPrecondition, InvalidArgument, NotFound
+from loraserve.adapters.peft_config import parse_adapter_config
+from loraserve.adapters.store import AdapterStore
+from loraserve.adapters.weights import read_adapter_weights
+from loraserve.errors import FailedPrecondition, InvalidArgument, NotFound
+from loraserve.ids import validate_adapter_id
 
 SHAPES_ARGS = {"max_rank": 16}
 
@@ -90,8 +91,8 @@ def test_list_ids(toy) -> None:
 
 # --------------------------------------------------------------------------- weights and config
 def _shapes(toy) -> dict[str, tuple[int, int]]:
-    from adapters.layer import find_lora_targets
-    from server.model_loader import load_base_model
+    from loraserve.adapters.layer import find_lora_targets
+    from loraserve.model_loader import load_base_model
 
     loaded = load_base_model(str(toy.base), "none", "cpu", "float32")
     return {n: (m.in_features, m.out_features) for n, m in find_lora_targets(loaded.model).items()}
@@ -217,8 +218,8 @@ def test_tensor_outside_config_targets(store_copy, shapes) -> None:
 
 
 def test_non_finite_weights_are_refused_when_copied_into_a_slot(store_copy, shapes, toy) -> None:
-    from adapters.layer import SlotTable
-    from server.model_loader import load_base_model
+    from loraserve.adapters.layer import SlotTable
+    from loraserve.model_loader import load_base_model
 
     folder = store_copy.adapter("a1")
     key = "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"

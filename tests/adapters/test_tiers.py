@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 
-from clients import AdapterNotFound, AdapterRejected, Client, InvalidRequest
+from loraserve_client import AdapterNotFound, AdapterRejected, Client, InvalidRequest
 from tests.helpers import PROMPTS, TOY_ADAPTERS, ServerThread
 
 MAX_NEW = 8

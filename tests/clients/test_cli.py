@@ -6,7 +6,7 @@ import json
 import subprocess
 import sys
 
-from clients import Client
+from loraserve_client import Client
 from tests.helpers import free_port
 
 BLOCK_TORCH = """
@@ -83,7 +83,8 @@ def test_errors_are_one_line_and_non_zero(server) -> None:
 
 
 def test_client_and_client_commands_work_without_torch(server) -> None:
-    code = BLOCK_TORCH + "import clients, clients.cli\nfrom clients import Client, AsyncClient\nprint('ok')"
+    imports = "import loraserve_client.cli\nfrom loraserve_client import Client, AsyncClient\n"
+    code = BLOCK_TORCH + imports + "print('ok')"
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert run.stdout.strip() == "ok", run.stderr
     run = cli("health", "--target", server.target, blocked=True)

@@ -8,7 +8,8 @@ import time
 
 import pytest
 
-from clients import (
+from loraserve.auth import key_entry_toml
+from loraserve_client import (
     AdapterNotFound,
     AdapterRejected,
     AsyncClient,
@@ -21,7 +22,6 @@ from clients import (
     Unauthenticated,
     Unavailable,
 )
-from server.auth import key_entry_toml
 from tests.helpers import ServerThread, free_port
 
 

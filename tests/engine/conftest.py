@@ -7,8 +7,8 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from server.engine.engine import Engine, EngineConfig
-from server.engine.sequence import (
+from loraserve.engine.engine import Engine, EngineConfig
+from loraserve.engine.sequence import (
     FinishReason,
     GenerationRequest,
     SamplingParams,
@@ -16,7 +16,7 @@ from server.engine.sequence import (
     SequenceOutput,
     StoppingCriteria,
 )
-from server.model_loader import load_base_model
+from loraserve.model_loader import load_base_model
 
 
 @dataclass

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from server.engine.engine import Engine, EngineConfig
-from server.model_loader import load_base_model
-from server.toy import build_tokenizer
+from loraserve.engine.engine import Engine, EngineConfig
+from loraserve.model_loader import load_base_model
+from loraserve.toy import build_tokenizer
 from tests.engine.conftest import Driver
 
 PROMPTS = ["the quick brown fox jumps over the lazy dog", "hello world", "o rato roeu a roupa do rei de roma"]

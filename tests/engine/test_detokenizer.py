@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from server.engine.detokenizer import REPLACEMENT, IncrementalDetokenizer, StopChecker
-from server.toy import build_tokenizer
+from loraserve.engine.detokenizer import REPLACEMENT, IncrementalDetokenizer, StopChecker
+from loraserve.toy import build_tokenizer
 
 TEXT = "Olá, ação e coração! 東京 🙂 fim"
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random
 
-from server.engine.sequence import FinishReason, SamplingParams
+from loraserve.engine.sequence import FinishReason, SamplingParams
 from tests.helpers import PROMPTS, TOY_ADAPTERS
 
 ADAPTERS = ["", *TOY_ADAPTERS]

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from server.engine.fairness import VirtualTokenCounter
-from server.engine.kv_cache import BlockManager
+from loraserve.engine.fairness import VirtualTokenCounter
+from loraserve.engine.kv_cache import BlockManager
 
 
 def test_grow_release_and_slots() -> None:

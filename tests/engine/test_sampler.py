@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from server.engine.sampler import apply_repetition_penalty, filter_logits, sample
-from server.engine.sequence import SamplingParams
+from loraserve.engine.sampler import apply_repetition_penalty, filter_logits, sample
+from loraserve.engine.sequence import SamplingParams
 
 
 def naive_probs(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:

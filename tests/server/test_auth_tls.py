@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from clients import Client, PermissionDenied, Unauthenticated, Unavailable
-from server.auth import hash_key, key_entry_toml
-from server.config import ConfigError, load_config
+from loraserve.auth import hash_key, key_entry_toml
+from loraserve.config import ConfigError, load_config
+from loraserve_client import Client, PermissionDenied, Unauthenticated, Unavailable
 from tests.helpers import ServerThread
 from tests.server.certs import make_pki
 
@@ -115,7 +115,7 @@ def test_mtls_with_the_client_and_the_cli(toy, pki) -> None:
             [
                 sys.executable,
                 "-m",
-                "server.cli",
+                "loraserve.cli",
                 "health",
                 "--target",
                 srv.target,

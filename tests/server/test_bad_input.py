@@ -9,7 +9,7 @@ import math
 import grpc
 import pytest
 
-from clients.api import loraserve_pb2 as pb2
+from loraserve_client.api import loraserve_pb2 as pb2
 from tests.helpers import PROMPTS, ServerThread
 
 LIMITS = {
@@ -195,7 +195,7 @@ def test_bad_input_gets_its_status(strict_server, case: str) -> None:
 
 
 def test_server_is_healthy_and_correct_after_the_corpus(strict_server, peft_ref) -> None:
-    from clients import Client
+    from loraserve_client import Client
 
     for case in CASES.values():  # the whole corpus again, back to back
         with contextlib.suppress(grpc.RpcError):

@@ -14,9 +14,9 @@ import grpc
 import pytest
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
-from clients import Client, Unavailable
-from server import app as app_module
-from server.config import ServerConfig
+from loraserve import app as app_module
+from loraserve.config import ServerConfig
+from loraserve_client import Client, Unavailable
 from tests.helpers import free_port
 
 
@@ -57,7 +57,7 @@ def test_health_is_not_serving_until_the_model_is_loaded(toy, monkeypatch) -> No
 
 def _serve(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "server.cli", "serve", *args],
+        [sys.executable, "-m", "loraserve.cli", "serve", *args],
         capture_output=True,
         text=True,
         timeout=120,
@@ -87,7 +87,7 @@ def test_config_errors_exit_with_one_line(toy, args, env, message) -> None:
 
 
 def test_flags_override_environment(monkeypatch) -> None:
-    from server.cli import build_parser, config_from_args
+    from loraserve.cli import build_parser, config_from_args
 
     monkeypatch.setenv("LORASERVE_MAX_LORA_RANK", "32")
     monkeypatch.setenv("LORASERVE_PORT", "6000")
@@ -116,7 +116,7 @@ def test_sigterm_drains_in_flight_streams_then_exits_zero(toy) -> None:
         [
             sys.executable,
             "-m",
-            "server.cli",
+            "loraserve.cli",
             "serve",
             "--model",
             str(toy.base),

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from clients import AdapterNotFound, AsyncClient, Client, DeadlineExceeded, ServerError
-from server.engine import engine as engine_module
+from loraserve.engine import engine as engine_module
+from loraserve_client import AdapterNotFound, AsyncClient, Client, DeadlineExceeded, ServerError
 from tests.helpers import PROMPTS, TOY_ADAPTERS, ServerThread
 
 ADAPTERS = ["", *TOY_ADAPTERS]

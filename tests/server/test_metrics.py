@@ -10,9 +10,9 @@ import urllib.request
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from clients import AdapterNotFound, Client, InvalidRequest
-from server.logs import REQUEST_LOGGER, JsonFormatter
-from server.metrics import OTHER, AdapterLabels
+from loraserve.logs import REQUEST_LOGGER, JsonFormatter
+from loraserve.metrics import OTHER, AdapterLabels
+from loraserve_client import AdapterNotFound, Client, InvalidRequest
 from tests.helpers import PROMPTS, ServerThread, free_port
 
 
