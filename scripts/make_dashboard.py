@@ -1,15 +1,24 @@
 """Writes deploy/grafana/loraserve-dashboard.json (the Grafana dashboard) from the panel list below.
 
-Usage: python scripts/make_dashboard.py. tests/test_dashboard.py checks that every metric it
-queries exists in server/metrics.py.
+Usage: python scripts/make_dashboard.py [--check] [--out FILE]. tests/test_dashboard.py checks
+that the checked-in file is current and that every metric it queries exists in server/metrics.py.
+
+Every query is filtered by the dashboard's `job` and `instance` variables (multi-select, "All"
+by default): with several servers or Ray Serve replicas scraped, one can look at a single
+replica instead of their sum.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
+import re
+import sys
 from pathlib import Path
 
 OUT = Path(__file__).resolve().parent.parent / "deploy" / "grafana" / "loraserve-dashboard.json"
+# Added to every loraserve_* series selector: the variables below pick the scraped targets.
+SELECTOR = 'job=~"$job", instance=~"$instance"'
 
 
 def quantiles(metric: str) -> list[tuple[str, str]]:
@@ -118,6 +127,34 @@ PANELS = [
 ]
 
 
+def filtered(expr: str) -> str:
+    """`expr` with every loraserve_* selector restricted to the chosen job and instance."""
+
+    def add(match: re.Match) -> str:
+        name, labels = match.group(1), match.group(2)
+        if labels is None:
+            return f"{name}{{{SELECTOR}}}"
+        return f"{name}{{{labels[1:-1]}, {SELECTOR}}}"
+
+    return re.sub(r"(loraserve_[a-z_]+)(\{[^}]*\})?", add, expr)
+
+
+def variable(name: str, query: str) -> dict:
+    return {
+        "name": name,
+        "type": "query",
+        "datasource": {"type": "prometheus", "uid": "${datasource}"},
+        "query": {"query": query, "refId": name},
+        "definition": query,
+        "refresh": 2,
+        "multi": True,
+        "includeAll": True,
+        "allValue": ".*",
+        "current": {"text": "All", "value": "$__all"},
+        "sort": 1,
+    }
+
+
 def dashboard() -> dict:
     panels = []
     for i, (title, unit, targets) in enumerate(PANELS):
@@ -130,7 +167,7 @@ def dashboard() -> dict:
                 "gridPos": {"h": 8, "w": 12, "x": 12 * (i % 2), "y": 8 * (i // 2)},
                 "fieldConfig": {"defaults": {"unit": unit}, "overrides": []},
                 "targets": [
-                    {"expr": expr, "legendFormat": legend, "refId": chr(65 + j)}
+                    {"expr": filtered(expr), "legendFormat": legend, "refId": chr(65 + j)}
                     for j, (expr, legend) in enumerate(targets)
                 ],
             }
@@ -141,11 +178,36 @@ def dashboard() -> dict:
         "schemaVersion": 39,
         "time": {"from": "now-1h", "to": "now"},
         "refresh": "10s",
-        "templating": {"list": [{"name": "datasource", "type": "datasource", "query": "prometheus"}]},
+        "templating": {
+            "list": [
+                {"name": "datasource", "type": "datasource", "query": "prometheus"},
+                variable("job", "label_values(loraserve_requests_running, job)"),
+                variable("instance", 'label_values(loraserve_requests_running{job=~"$job"}, instance)'),
+            ]
+        },
         "panels": panels,
     }
 
 
+def render() -> str:
+    return json.dumps(dashboard(), indent=2) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Write the Grafana dashboard of loraserve's metrics.")
+    parser.add_argument("--out", type=Path, default=OUT, help=f"where to write it (default {OUT})")
+    parser.add_argument(
+        "--check", action="store_true", help="write nothing; exit 1 if the file is not current"
+    )
+    args = parser.parse_args(argv)
+    if args.check:
+        current = args.out.is_file() and args.out.read_text() == render()
+        print(f"{args.out} is {'current' if current else 'stale: run scripts/make_dashboard.py'}")
+        return 0 if current else 1
+    args.out.write_text(render())
+    print(f"wrote {args.out}")
+    return 0
+
+
 if __name__ == "__main__":
-    OUT.write_text(json.dumps(dashboard(), indent=2) + "\n")
-    print(f"wrote {OUT}")
+    sys.exit(main())
