@@ -13,10 +13,16 @@ PYTEST_ARGS ?=
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
+# pip runs at its normal verbosity (each package as it is collected, download bars on a
+# terminal): the first install takes minutes, and a silent one looks hung.
 $(STAMP): pyproject.toml | $(BIN)/python
-	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e ".[dev]"
+	@echo "==> [1/2] installing torch 2.13.0 first (the largest download: about a minute on a fast network)"
+	$(BIN)/pip install --progress-bar on torch==2.13.0
+	@echo "==> [2/2] installing loraserve in editable mode with its dependencies and dev tools"
+	@echo "    (transformers, bitsandbytes, peft, grpcio, ray[serve], pytest, ruff...: ~2-3 min on first install)"
+	$(BIN)/pip install --progress-bar on -e ".[dev]"
 	touch $(STAMP)
+	@echo "==> installed into $(VENV)"
 
 install: $(STAMP)
 
