@@ -54,4 +54,4 @@ bench: install
 	$(BIN)/loraserve bench --scenario all --plot
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache
+	rm -rf $(VENV) build dist *.egg-info clients/build clients/dist clients/*.egg-info .pytest_cache .ruff_cache
