@@ -83,29 +83,23 @@ class Bench:
     def engine(self, assets: BenchAssets, slots: int, requests: list[BenchRequest], concurrency: int) -> Any:
         """An engine on its own thread (model loaded there too), warmed up."""
         from loraserve.engine.engine import Engine, EngineConfig
+        from loraserve.engine.kv_sizing import KVGeometry
         from loraserve.model_loader import load_base_model
 
         def build() -> tuple[Any, EngineConfig]:
             loaded = load_base_model(str(assets.model_dir), self.args.quantization, self.device, "auto")
-            model_config = loaded.model.config
+            # The cache fits the workload (every request at its longest, plus a little), not free memory.
             longest = max(len(r.prompt_ids) + r.max_new_tokens for r in requests)
-            head_dim = model_config.hidden_size // model_config.num_attention_heads
-            element = torch.tensor([], dtype=loaded.dtype).element_size()
-            blocks = concurrency * (math.ceil(longest / 16) + 1) + 8
-            per_block = (
-                2
-                * model_config.num_hidden_layers
-                * 16
-                * model_config.num_key_value_heads
-                * head_dim
-                * element
-            )
+            block_size = EngineConfig.block_size
+            blocks = concurrency * (math.ceil(longest / block_size) + 1) + 8
+            per_block = KVGeometry.of(loaded.model.config).bytes_per_block(block_size, loaded.dtype)
             config = EngineConfig(
                 adapters_dir=assets.store,
                 max_loaded_adapters=max(1, slots),
                 max_lora_rank=self.args.rank,
                 max_num_seqs=max(concurrency, 64),
                 max_num_batched_tokens=self.args.max_num_batched_tokens,
+                block_size=block_size,
                 kv_cache_bytes=blocks * per_block,
                 max_queue_size=10_000,
                 max_queue_per_tenant=10_000,
@@ -173,7 +167,6 @@ class Bench:
     # ------------------------------------------------------------------ scenarios
     def scenario(
         self,
-        name: str,
         adapters: list[str],
         requests: list[BenchRequest],
         names: list[str],
@@ -321,7 +314,6 @@ def scenario_decode_distinct(bench: Bench) -> dict[str, Any]:
         output_len=p["output_len"],
     )
     result = bench.scenario(
-        "decode-distinct",
         assets.adapter_ids,
         requests,
         ["engine", "engine-base"],
@@ -356,7 +348,6 @@ def scenario_poisson(bench: Bench) -> dict[str, Any]:
         output_len=p["output_len"],
     )
     result = bench.scenario(
-        "poisson",
         assets.adapter_ids,
         requests,
         ["engine", "peft-batch"],
@@ -384,7 +375,6 @@ def scenario_overhead(bench: Bench) -> dict[str, Any]:
         [], requests=p["requests"], workload="closed", prompt_len=p["prompt_len"], output_len=p["output_len"]
     )
     result = bench.scenario(
-        "overhead",
         [],
         with_adapter(requests, ""),
         ["engine-base", "bare-loop"],
@@ -475,7 +465,6 @@ def scenario_sweep(bench: Bench) -> dict[str, Any]:
             output_len=p["output_len"],
         )
         result = bench.scenario(
-            f"sweep-{count}",
             assets.adapter_ids,
             requests,
             ["engine"],
@@ -494,7 +483,6 @@ def scenario_custom(bench: Bench) -> dict[str, Any]:
     requests = bench.workload(assets.adapter_ids)
     slots = bench.args.slots or min(max(bench.args.adapters, 1), 32)
     return bench.scenario(
-        "custom",
         assets.adapter_ids,
         requests,
         bench.systems(),

@@ -10,13 +10,17 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from loraserve.engine.sequence import SamplingParams, StoppingCriteria
+from loraserve.engine.sequence import (
+    MAX_REPETITION_PENALTY,
+    MAX_TEMPERATURE,
+    MIN_REPETITION_PENALTY,
+    SamplingParams,
+    StoppingCriteria,
+)
 from loraserve.errors import FailedPrecondition, InvalidArgument
 from loraserve.ids import validate_adapter_id
 
 CHAT_ROLES = ("system", "user", "assistant")
-MAX_TEMPERATURE = 100.0
-MAX_REPETITION_PENALTY = 100.0
 
 
 @dataclass(frozen=True)
@@ -57,6 +61,7 @@ def check_adapter_id(adapter_id: str) -> str:
 
 
 def check_sampling(sampling: Any, present: bool) -> SamplingParams:
+    """Sampling within the sampler's bounds (a temperature below GREEDY_TEMPERATURE decodes greedily)."""
     if not present:
         return SamplingParams()
     temperature = sampling.temperature
@@ -72,9 +77,14 @@ def check_sampling(sampling: Any, present: bool) -> SamplingParams:
     penalty = 1.0
     if sampling.HasField("repetition_penalty"):
         penalty = sampling.repetition_penalty
-        if not math.isfinite(penalty) or not 0 < penalty <= MAX_REPETITION_PENALTY:
+        # The wire's float32 rounds 0.01 down to 0.0099999998: the lower bound allows for that.
+        if (
+            not math.isfinite(penalty)
+            or not MIN_REPETITION_PENALTY * (1 - 1e-6) <= penalty <= MAX_REPETITION_PENALTY
+        ):
             raise InvalidArgument(
-                f"sampling.repetition_penalty must be in (0, {MAX_REPETITION_PENALTY:g}], got {penalty}"
+                f"sampling.repetition_penalty must be in [{MIN_REPETITION_PENALTY:g}, "
+                f"{MAX_REPETITION_PENALTY:g}], got {penalty}"
             )
     seed = sampling.seed if sampling.HasField("seed") else None
     return SamplingParams(

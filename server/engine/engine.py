@@ -1,18 +1,21 @@
 """The engine: one step loop serving many requests on many adapters per forward pass.
 
-    schedule -> activate adapters -> forward -> sample -> update
+Each step is three verbs, as in nano-vllm's loop:
 
-runs on its own thread so the asyncio gRPC server never blocks on model compute. Callers
-`submit` a GenerationRequest with a sink; after each step the sink receives a
+    schedule (arrivals, aborts, deadlines, the batch) -> run (forward + sample) -> postprocess
+
+and runs on the engine's own thread, so the asyncio gRPC server never blocks on model compute.
+Callers `submit` a GenerationRequest with a sink; after each step the sink receives a
 SequenceOutput with the new text, and a last one with the finish reason. Every way out of
-the engine (finish, abort, deadline, error) goes through `_finish`, which returns the
-sequence's KV blocks and adapter pin.
+the engine (finish, abort, deadline, error) goes through `Outputs.finish` (output.py), which
+returns the sequence's KV blocks, adapter pin and admission. A step is transactional per
+sequence: a sequence advances only when its row produced a token, and a failure anywhere in
+a step ends the sequences it touched with an error instead of leaving them unschedulable.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import threading
 import time
 from collections import deque
@@ -27,14 +30,18 @@ import torch
 from loraserve.adapters.layer import SlotTable
 from loraserve.adapters.manager import AdapterManager
 from loraserve.adapters.store import AdapterStore
+from loraserve.engine.admission import Admission
 from loraserve.engine.detokenizer import IncrementalDetokenizer, StopChecker
 from loraserve.engine.kv_cache import BlockManager, KVCache
-from loraserve.engine.runner import ModelRunner, ScheduledSeq
+from loraserve.engine.kv_sizing import KVGeometry, kv_cache_blocks, kv_cache_budget
+from loraserve.engine.output import Outputs
+from loraserve.engine.runner import ModelRunner
 from loraserve.engine.sampler import sample
 from loraserve.engine.scheduler import Scheduler
 from loraserve.engine.sequence import (
     FinishReason,
     GenerationRequest,
+    ScheduledSeq,
     Sequence,
     SequenceOutput,
     Status,
@@ -57,6 +64,7 @@ class EngineConfig:
     max_lora_rank: int = 16
     max_host_adapter_bytes: int = 2 * 1024**3
     lora_target_modules: list[str] | None = None
+    lora_backend: str = "auto"  # loraserve.adapters.lora_backends.select_lora_backend
     adapter_load_workers: int = 2
     block_size: int = 16
     kv_cache_bytes: int = 0
@@ -70,19 +78,6 @@ class EngineConfig:
     @classmethod
     def from_server_config(cls, config: Any) -> EngineConfig:
         return cls(**{name: getattr(config, name) for name in cls.__dataclass_fields__})
-
-
-def available_memory(device: torch.device) -> int:
-    """Free bytes on the device (CUDA) or available RAM (CPU)."""
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 4 * 1024**3
 
 
 def eos_token_ids(loaded: LoadedModel) -> set[int]:
@@ -106,13 +101,6 @@ class Engine:
         self.metrics = metrics
         self.tokenizer = loaded.tokenizer
         self.eos_ids = eos_token_ids(loaded)
-        model_config = loaded.model.config
-        num_layers = model_config.num_hidden_layers
-        kv_heads = getattr(model_config, "num_key_value_heads", None) or model_config.num_attention_heads
-        head_dim = (
-            getattr(model_config, "head_dim", None)
-            or model_config.hidden_size // model_config.num_attention_heads
-        )
 
         self.slots = SlotTable.attach(
             loaded.model,
@@ -121,6 +109,7 @@ class Engine:
             loaded.dtype,
             loaded.device,
             config.lora_target_modules,
+            config.lora_backend,
         )
         store = AdapterStore(config.adapters_dir) if config.adapters_dir is not None else None
         self.adapters = AdapterManager(
@@ -132,21 +121,30 @@ class Engine:
             metrics,
             wake=self.wake,
         )
-        per_block = KVCache.bytes_per_block(num_layers, config.block_size, kv_heads, head_dim, loaded.dtype)
-        budget = config.kv_cache_bytes or int(
-            available_memory(loaded.device) * config.kv_cache_memory_fraction
+        geometry = KVGeometry.of(loaded.model.config)
+        num_blocks = kv_cache_blocks(
+            geometry,
+            loaded.dtype,
+            config.block_size,
+            kv_cache_budget(config, loaded.device),
+            config.max_num_seqs,
+            loaded.max_context_length,
         )
-        useful = config.max_num_seqs * math.ceil(loaded.max_context_length / config.block_size)
-        num_blocks = max(1, min(budget // per_block, useful))
         self.blocks = BlockManager(num_blocks, config.block_size)
         self.kv = KVCache(
-            num_layers, num_blocks, config.block_size, kv_heads, head_dim, loaded.dtype, loaded.device
+            geometry.num_layers,
+            num_blocks,
+            config.block_size,
+            geometry.num_kv_heads,
+            geometry.head_dim,
+            loaded.dtype,
+            loaded.device,
         )
         log.info(
             "KV cache: %d blocks of %d tokens (%.1f MiB); %d adapter slots of rank %d (%.1f MiB)",
             num_blocks,
             config.block_size,
-            num_blocks * per_block / 2**20,
+            num_blocks * geometry.bytes_per_block(config.block_size, loaded.dtype) / 2**20,
             config.max_loaded_adapters,
             config.max_lora_rank,
             self.slots.bytes_per_slot * config.max_loaded_adapters / 2**20,
@@ -160,12 +158,12 @@ class Engine:
             metrics,
         )
         self.runner = ModelRunner(loaded.model, self.kv, self.slots, loaded.device)
+        self.admission = Admission(config.max_queue_size, config.max_queue_per_tenant)
+        self.outputs = Outputs(self.scheduler, self.adapters, self.admission, self.eos_ids, metrics)
 
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # guards the inbox and the aborts, filled from any thread
         self._inbox: deque[Sequence] = deque()
         self._aborts: deque[tuple[Sequence, FinishReason, ServeError | None]] = deque()
-        self._in_flight: dict[str, int] = {}
-        self._in_flight_total = 0
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
         self._stopping = False
@@ -187,26 +185,23 @@ class Engine:
                 f"{self.capacity_tokens}"
             )
         tenant = tenant_of(request.tenant, request.adapter_id)
-        with self._lock:
-            waiting = self._in_flight_total - self.scheduler.num_running
-            if waiting >= self.config.max_queue_size:
-                raise ResourceExhausted(
-                    f"server queue is full ({self.config.max_queue_size} requests waiting)"
-                )
-            if self._in_flight.get(tenant, 0) >= self.config.max_queue_per_tenant:
-                raise ResourceExhausted(
-                    f"tenant {tenant!r} has {self.config.max_queue_per_tenant} requests in flight (its limit)"
-                )
+        self.admission.enter(tenant, self.scheduler.num_running)
+        entry = None
+        try:
             entry = self.adapters.acquire(request.adapter_id) if request.adapter_id else None
-            self._in_flight[tenant] = self._in_flight.get(tenant, 0) + 1
-            self._in_flight_total += 1
-        seq = Sequence(
-            request,
-            entry,
-            sink,
-            IncrementalDetokenizer(self.tokenizer),
-            StopChecker(request.stopping.stop_sequences),
-        )
+            seq = Sequence(
+                request,
+                entry,
+                sink,
+                IncrementalDetokenizer(self.tokenizer),
+                StopChecker(request.stopping.stop_sequences),
+            )
+        except BaseException:
+            # Refused before it was queued: undo what was taken, so nothing stays counted.
+            if entry is not None:
+                self.adapters.release(entry)
+            self.admission.leave(tenant)
+            raise
         with self._lock:
             self._inbox.append(seq)
         self.wake()
@@ -222,11 +217,6 @@ class Engine:
 
     def wake(self) -> None:
         self._wake.set()
-
-    def start(self) -> None:
-        """Runs the step loop on a new thread (for an engine built on the caller's thread)."""
-        self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
-        self._thread.start()
 
     @classmethod
     def spawn(
@@ -278,13 +268,12 @@ class Engine:
             self._thread.join(timeout)
         self._drain_inbox()
         for seq in self.scheduler.all_sequences():
-            self._finish(seq, FinishReason.ERROR, Unavailable("the server is shutting down"))
+            self.outputs.finish(seq, FinishReason.ERROR, Unavailable("the server is shutting down"))
         self.adapters.shutdown()
 
     @property
     def in_flight(self) -> int:
-        with self._lock:
-            return self._in_flight_total
+        return self.admission.in_flight
 
     # ------------------------------------------------------------------ loop
     def _loop(self) -> None:
@@ -299,49 +288,96 @@ class Engine:
                 self._wake.clear()
 
     def step(self) -> bool:
-        """One iteration; returns False when nothing could run."""
+        """One iteration: schedule -> run (forward + sample) -> postprocess. False when nothing ran."""
         started = time.perf_counter()
-        self._drain_inbox()
-        self._expire()
-        self.adapters.housekeeping()
-        batch, failed = self.scheduler.schedule()
-        for seq, error in failed:
-            self._finish(seq, FinishReason.ERROR, error)
-        self._report_queues()
+        batch = self._schedule()
         if not batch:
             return False
+        results = self._run(batch)
+        if results is not None:
+            self._postprocess(batch, results)
+        self.steps += 1
+        self._report_step(batch, time.perf_counter() - started)
+        return True
+
+    # ------------------------------------------------------------------ the three verbs
+    def _schedule(self) -> list[ScheduledSeq]:
+        """Takes in arrivals and aborts, ends expired requests, and picks this step's batch."""
+        self._drain_inbox()
+        self._expire()
+        try:
+            self.adapters.housekeeping()
+        except Exception:
+            log.exception("adapter housekeeping failed")
+        try:
+            batch, failed = self.scheduler.schedule()
+        except Exception as error:
+            # The scheduler's own state is in doubt: end what it holds rather than retry forever.
+            log.exception("scheduling failed; ending the %d requests queued or running", self.in_flight)
+            failed = [
+                (seq, InternalError(f"scheduling failed: {error}")) for seq in self.scheduler.all_sequences()
+            ]
+            batch = []
+        for seq, failure in failed:
+            self.outputs.finish(seq, FinishReason.ERROR, failure)
+        self._report_queues()
         now = time.monotonic()
         for item in batch:
             if item.seq.first_scheduled is None:
                 item.seq.first_scheduled = now
+        return batch
+
+    def _run(self, batch: list[ScheduledSeq]) -> list[int | ServeError] | None:
+        """The forward pass, then one token or error per sampling row (in batch order).
+
+        None when the forward pass failed: its requests are then requeued (out of memory) or
+        ended with an error, and nothing of the batch advances.
+        """
         try:
-            logits = self.runner.execute(batch)
+            logits = self.runner.execute(batch)  # [n_sampled, vocab] fp32
         except torch.OutOfMemoryError:
             self._on_out_of_memory(batch)
-            return True
+            return None
         except Exception as error:
             log.exception("forward pass failed for %d requests", len(batch))
             for item in batch:
-                self._finish(item.seq, FinishReason.ERROR, InternalError(f"forward pass failed: {error}"))
-            return True
+                self.outputs.finish(
+                    item.seq, FinishReason.ERROR, InternalError(f"forward pass failed: {error}")
+                )
+            return None
         sampled = [item.seq for item in batch if item.samples]
+        if not sampled:
+            return []
+        return sample(
+            logits,
+            [s.request.sampling for s in sampled],
+            [s.generator for s in sampled],
+            [
+                s.prompt_ids + s.output_ids if s.request.sampling.repetition_penalty != 1.0 else []
+                for s in sampled
+            ],
+        )
+
+    def _postprocess(self, batch: list[ScheduledSeq], results: list[int | ServeError]) -> None:
+        """Advances each sequence by what the step computed and emits its token, or ends it.
+
+        Per sequence and all or nothing: a prompt chunk advances (its K/V are in the cache); a
+        sampling row advances together with its token, or, when its row failed, is ended with
+        that row's error; so no sequence is left with nothing to compute.
+        """
+        rows = iter(results)
         for item in batch:
-            item.seq.num_computed += item.num_new
-        if sampled:
-            tokens = sample(
-                logits,
-                [s.request.sampling for s in sampled],
-                [s.generator for s in sampled],
-                [
-                    s.prompt_ids + s.output_ids if s.request.sampling.repetition_penalty != 1.0 else []
-                    for s in sampled
-                ],
-            )
-            for seq, token in zip(sampled, tokens):
-                self._append(seq, token)
-        self.steps += 1
-        self._report_step(batch, time.perf_counter() - started)
-        return True
+            seq = item.seq
+            if not item.samples:
+                seq.num_computed += item.num_new
+                continue
+            result = next(rows)
+            if isinstance(result, ServeError):
+                log.warning("request %s failed while sampling: %s", seq.request_id, result.message)
+                self.outputs.finish(seq, FinishReason.ERROR, result)
+                continue
+            seq.num_computed += item.num_new
+            self.outputs.append(seq, result)
 
     # ------------------------------------------------------------------ helpers
     def _drain_inbox(self) -> None:
@@ -349,93 +385,19 @@ class Engine:
             arrivals, self._inbox = list(self._inbox), deque()
             aborts, self._aborts = list(self._aborts), deque()
         for seq in arrivals:
-            self.scheduler.add(seq)
+            try:
+                self.scheduler.add(seq)
+            except Exception as error:
+                log.exception("request %s could not be queued", seq.request_id)
+                self.outputs.finish(seq, FinishReason.ERROR, InternalError(f"queueing failed: {error}"))
         for seq, reason, error in aborts:
-            if not seq.finished:
-                self._finish(seq, reason, error)
+            self.outputs.finish(seq, reason, error)
 
     def _expire(self) -> None:
         now = time.monotonic()
         for seq in self.scheduler.all_sequences():
             if now > seq.deadline:
-                self._finish(seq, FinishReason.TIME_LIMIT)
-
-    def _append(self, seq: Sequence, token: int) -> None:
-        """Adds a sampled token; emits text; finishes the sequence when a stop condition holds."""
-        now = time.monotonic()
-        try:
-            seq.output_ids.append(token)
-            self.scheduler.charge_output(seq)
-            if seq.first_token is None:
-                seq.first_token = now
-            elif self.metrics is not None:
-                self.metrics.inter_token_latency.observe(now - seq.last_token)
-            seq.last_token = now
-            stopping = seq.request.stopping
-            reason = None
-            if token in self.eos_ids and not stopping.ignore_eos:
-                reason = FinishReason.EOS
-                text = ""
-            else:
-                text, stopped = seq.stop_checker.push(seq.detokenizer.add(token))
-                if stopped:
-                    reason = FinishReason.STOP_SEQUENCE
-            if reason is None and len(seq.output_ids) >= stopping.max_new_tokens:
-                reason = FinishReason.LENGTH
-            if reason is not None:
-                self._finish(seq, reason, pending_text=text, new_tokens=[token])
-            else:
-                self._emit(seq, SequenceOutput(text, [token]))
-        except Exception as error:
-            log.exception("request %s failed while appending a token", seq.request_id)
-            self._finish(seq, FinishReason.ERROR, InternalError(f"output processing failed: {error}"))
-
-    def _finish(
-        self,
-        seq: Sequence,
-        reason: FinishReason,
-        error: ServeError | None = None,
-        pending_text: str = "",
-        new_tokens: list[int] | None = None,
-    ) -> None:
-        if seq.finished:
-            return
-        self.scheduler.remove(seq)
-        seq.status = Status.FINISHED
-        seq.finish_reason = reason
-        text = pending_text
-        if reason in (FinishReason.EOS, FinishReason.LENGTH, FinishReason.TIME_LIMIT, FinishReason.CANCELLED):
-            tail, _ = seq.stop_checker.push(seq.detokenizer.flush())
-            text += tail + seq.stop_checker.flush()
-        if seq.adapter is not None:
-            self.adapters.release(seq.adapter)
-        with self._lock:
-            self._in_flight[seq.tenant] -= 1
-            if self._in_flight[seq.tenant] == 0:
-                del self._in_flight[seq.tenant]
-            self._in_flight_total -= 1
-        self._emit(
-            seq,
-            SequenceOutput(
-                text,
-                new_tokens or [],
-                reason,
-                error,
-                prompt_tokens=len(seq.prompt_ids),
-                completion_tokens=len(seq.output_ids),
-                arrival=seq.request.arrival,
-                first_scheduled=seq.first_scheduled,
-                first_token=seq.first_token,
-                finished=time.monotonic(),
-                preemptions=seq.preemptions,
-            ),
-        )
-
-    def _emit(self, seq: Sequence, output: SequenceOutput) -> None:
-        try:
-            seq.sink(output)
-        except Exception:
-            log.debug("dropping output of request %s: sink failed", seq.request_id, exc_info=True)
+                self.outputs.finish(seq, FinishReason.TIME_LIMIT)
 
     def _on_out_of_memory(self, batch: list[ScheduledSeq]) -> None:
         """Out of device memory on one batch: requeue its requests once, then fail them."""
@@ -449,7 +411,7 @@ class Engine:
         for item in batch:
             seq = item.seq
             if seq.preemptions > 0:
-                self._finish(
+                self.outputs.finish(
                     seq, FinishReason.ERROR, ResourceExhausted("out of device memory for this request")
                 )
             elif seq.status is Status.RUNNING:

@@ -7,17 +7,23 @@ slot (placed now if its weights are in host memory; loaded off-thread otherwise,
 request staying queued meanwhile) and the KV blocks for its first chunk are free. When a
 running sequence cannot grow, the most recently admitted one is preempted: its blocks go
 back to the pool and it re-queues at the front of its tenant's queue, to be recomputed.
+
+A sequence the scheduler cannot serve never stays queued: one whose adapter failed, or which
+has nothing left to compute (a broken invariant: it would never run again), is handed back as
+failed, for the engine to end with an error.
 """
 
 from __future__ import annotations
 
+import logging
 from collections import deque
 
 from loraserve.engine.fairness import VirtualTokenCounter
 from loraserve.engine.kv_cache import BlockManager
-from loraserve.engine.runner import ScheduledSeq
-from loraserve.engine.sequence import Sequence, Status
-from loraserve.errors import ServeError
+from loraserve.engine.sequence import ScheduledSeq, Sequence, Status
+from loraserve.errors import InternalError, ServeError
+
+log = logging.getLogger(__name__)
 
 # How far into one tenant's queue to look for a request whose adapter is ready.
 LOOKAHEAD = 16
@@ -69,14 +75,16 @@ class Scheduler:
 
     def remove(self, seq: Sequence) -> None:
         """Takes a sequence out of the queues, releasing its KV blocks and slot pin."""
-        if seq.status is Status.RUNNING:
-            self.running.remove(seq)
-            self._leave_running(seq)
-        elif seq.status is Status.WAITING:
-            queue = self.waiting.get(seq.tenant)
-            if queue is not None and seq in queue:
-                queue.remove(seq)
-        self.blocks.release(seq.block_table)
+        try:
+            if seq.status is Status.RUNNING:
+                self.running.remove(seq)
+                self._leave_running(seq)
+            elif seq.status is Status.WAITING:
+                queue = self.waiting.get(seq.tenant)
+                if queue is not None and seq in queue:
+                    queue.remove(seq)
+        finally:
+            self.blocks.release(seq.block_table)
 
     # ------------------------------------------------------------------ scheduling
     def schedule(self) -> tuple[list[ScheduledSeq], list[tuple[Sequence, ServeError]]]:
@@ -85,6 +93,9 @@ class Scheduler:
         batch: list[ScheduledSeq] = []
         failed: list[tuple[Sequence, ServeError]] = []
 
+        for seq in self.running:
+            if seq.remaining < 1:
+                failed.append((seq, _stuck(seq)))
         decodes = [s for s in self.running if s.remaining == 1]
         prefills = [s for s in self.running if s.remaining > 1]
         for seq in decodes + prefills:
@@ -151,8 +162,13 @@ class Scheduler:
             queue = self.waiting[tenant]
             for seq in list(queue)[:LOOKAHEAD]:
                 try:
+                    if seq.remaining < 1:
+                        raise _stuck(seq)
                     slot = self._slot_for(seq)
-                except ServeError as error:
+                except Exception as error:
+                    if not isinstance(error, ServeError):
+                        log.exception("request %s: placing its adapter failed", seq.request_id)
+                        error = InternalError(f"placing the adapter failed: {error}")
                     queue.remove(seq)
                     failed.append((seq, error))
                     continue
@@ -170,13 +186,19 @@ class Scheduler:
         seq.slot = -1  # placed but not admitted: the slot stays resident, unpinned (evictable)
 
     def _admit(self, seq: Sequence) -> None:
+        if seq.adapter is not None:
+            self.adapters.pin(seq.adapter)  # first: if it fails, the sequence is still only queued
         self.waiting[seq.tenant].remove(seq)
         seq.status = Status.RUNNING
         self.running.append(seq)
-        if seq.adapter is not None:
-            self.adapters.pin(seq.adapter)
 
     def _leave_running(self, seq: Sequence) -> None:
         if seq.adapter is not None:
             self.adapters.unpin(seq.adapter)
         seq.slot = -1
+
+
+def _stuck(seq: Sequence) -> InternalError:
+    return InternalError(
+        f"request {seq.request_id} has no token left to compute ({seq.num_computed} of {seq.num_tokens})"
+    )

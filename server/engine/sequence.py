@@ -1,8 +1,9 @@
 """A request inside the engine: its parameters, tokens, KV blocks and outputs.
 
 The service builds a `GenerationRequest` (validated plain values); the engine wraps it in a
-`Sequence` that the scheduler, runner and sampler share. A `SequenceOutput` goes back to the
-caller after every step that produced text, and once at the end.
+`Sequence` that the scheduler, runner and sampler share, and each step schedules some of its
+tokens as a `ScheduledSeq`. A `SequenceOutput` goes back to the caller after every step that
+produced text, and once at the end.
 """
 
 from __future__ import annotations
@@ -17,10 +18,19 @@ import torch
 
 from loraserve.ids import tenant_of
 
+# Sampling bounds, shared by request validation and the sampler. Below GREEDY_TEMPERATURE a draw
+# differs from the argmax only between logits closer than about 1e-4, while dividing by such a
+# temperature overflows float32 (1e-40 turns every logit into +-inf); so it decodes greedily.
+GREEDY_TEMPERATURE = 1e-5
+MAX_TEMPERATURE = 100.0
+# A penalty of p scales seen tokens' logits by up to 1/p: past these bounds it only overflows.
+MIN_REPETITION_PENALTY = 0.01
+MAX_REPETITION_PENALTY = 100.0
+
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """How the next token is chosen; temperature 0 is greedy."""
+    """How the next token is chosen; a temperature below GREEDY_TEMPERATURE (0 included) is greedy."""
 
     temperature: float = 0.0
     top_k: int = 0
@@ -30,7 +40,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        return self.temperature < GREEDY_TEMPERATURE
 
 
 @dataclass(frozen=True)
@@ -133,10 +143,6 @@ class Sequence:
         return tenant_of(self.request.tenant, self.request.adapter_id)
 
     @property
-    def adapter_id(self) -> str:
-        return self.request.adapter_id
-
-    @property
     def num_tokens(self) -> int:
         return len(self.prompt_ids) + len(self.output_ids)
 
@@ -151,3 +157,16 @@ class Sequence:
     @property
     def finished(self) -> bool:
         return self.status is Status.FINISHED
+
+
+@dataclass
+class ScheduledSeq:
+    """A sequence and how many of its tokens run this step."""
+
+    seq: Sequence
+    num_new: int
+
+    @property
+    def samples(self) -> bool:
+        """True when this step computes its last known token, so a next token is sampled."""
+        return self.seq.num_computed + self.num_new == self.seq.num_tokens
