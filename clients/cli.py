@@ -1,7 +1,9 @@
 """The CLI's client commands: generate, chat, adapters list|load|unload, health, info, tokenize.
 
 They import no torch, so they start fast. Errors print one line (`loraserve: NOT_FOUND: ...`)
-and exit non-zero; `--json` prints machine-readable output for scripts.
+and exit non-zero; `--json` prints machine-readable output for scripts. When the reader of
+stdout goes away (`loraserve adapters list | head -1`), a command stops silently with status
+141, as a Unix tool killed by SIGPIPE does.
 """
 
 from __future__ import annotations
@@ -9,8 +11,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 from typing import Any
 
@@ -286,12 +290,37 @@ def add_client_commands(commands: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_tokenize)
 
 
+# What a shell reports for a process killed by SIGPIPE (128 + signal number).
+BROKEN_PIPE_STATUS = 128 + signal.SIGPIPE
+
+
+def _broken_pipe() -> int:
+    """stdout's reader is gone: stop quietly. Python ignores SIGPIPE, so the write raised
+    BrokenPipeError instead of killing the process as it kills `cat`; restoring SIGPIPE's
+    default action instead would also apply to the server's sockets. stdout now points at
+    /dev/null so that the interpreter's last flush at exit cannot raise again."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+    return BROKEN_PIPE_STATUS
+
+
+def quiet_on_broken_pipe(body: Callable[[], int]) -> int:
+    """Runs a console script's body (argument parsing included: `--help | head`)."""
+    try:
+        return body()
+    except BrokenPipeError:
+        return _broken_pipe()
+
+
 def run(args: argparse.Namespace) -> int:
     """Runs a parsed command: errors are one line on stderr and a non-zero exit, never a traceback."""
     from loraserve_client.errors import LoraserveError
 
     try:
         return args.func(args)
+    except BrokenPipeError:  # before OSError: a closed pipe is no error to report
+        return _broken_pipe()
     except LoraserveError as error:
         print(f"loraserve: {error}", file=sys.stderr)
         return 1
@@ -309,7 +338,7 @@ def main(argv: list[str] | None = None) -> int:
     """`loraserve-client`: the client commands alone (the client-only distribution's script)."""
     parser = argparse.ArgumentParser(prog="loraserve-client", description="Client of a loraserve server.")
     add_client_commands(parser.add_subparsers(dest="command", required=True, metavar="COMMAND"))
-    return run(parser.parse_args(argv))
+    return quiet_on_broken_pipe(lambda: run(parser.parse_args(argv)))
 
 
 if __name__ == "__main__":

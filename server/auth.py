@@ -135,14 +135,21 @@ class KeyRing:
         return principal
 
 
-def key_entry_toml(key: str, tenant: str, adapters: list[str], admin: bool, name: str = "") -> str:
-    """A [[keys]] block for the keys file (the key itself is not in it)."""
+def key_entry_toml(
+    key: str, tenant: str, adapters: list[str], admin: bool, name: str = "", base_model: bool = True
+) -> str:
+    """A [[keys]] block for the keys file (the key itself is not in it).
+
+    Every right is written out, `base_model` included: a key limited to some adapters may still
+    call the base model unless `base_model = false`, which a reader of the entry should see.
+    """
     patterns = ", ".join(f'"{p}"' for p in adapters)
     return (
         "[[keys]]\n"
         f'name = "{name or tenant}"\n'
         f'tenant = "{tenant}"\n'
         f'key_sha256 = "{hash_key(key)}"\n'
-        f"adapters = [{patterns}]\n"
-        f"admin = {'true' if admin else 'false'}\n"
+        f"adapters = [{patterns}]  # glob patterns of the adapter ids it may use\n"
+        f"base_model = {'true' if base_model else 'false'}  # may it call the base model (empty adapter_id)\n"
+        f"admin = {'true' if admin else 'false'}  # may it call AdapterAdmin\n"
     )

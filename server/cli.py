@@ -1,7 +1,7 @@
 """`loraserve`: the console script.
 
 Server side: serve, demo, train, bench, keygen (torch imported only when they run).
-Client side (clients.cli, no torch): generate, chat, adapters list|load|unload, health, info,
+Client side (loraserve_client.cli, no torch): generate, chat, adapters list|load|unload, health, info,
 tokenize. Every `serve` flag comes from a ServerConfig field and is also an environment
 variable LORASERVE_<NAME>. Errors are one line on stderr and a non-zero exit code.
 """
@@ -15,7 +15,7 @@ import typing
 from typing import Any
 
 from loraserve.config import ServerConfig, load_config
-from loraserve_client.cli import add_client_commands, run
+from loraserve_client.cli import add_client_commands, quiet_on_broken_pipe, run
 
 
 def _is_bool(annotation: Any) -> bool:
@@ -83,10 +83,19 @@ def cmd_keygen(args: argparse.Namespace) -> int:
     from loraserve.auth import key_entry_toml, new_key
 
     key = new_key()
-    print(
-        f"# API key for tenant {args.tenant} (shown once; give it to the client):\n# {key}\n", file=sys.stderr
+    adapters = args.adapters or ["*"]
+    base = (
+        "may also call the base model (--no-base-model denies it)"
+        if args.base_model
+        else "may not call the base model"
     )
-    print(key_entry_toml(key, args.tenant, args.adapters or ["*"], args.admin, args.name))
+    print(
+        f"# API key for tenant {args.tenant} (shown once; give it to the client):\n# {key}\n"
+        f"# It may use adapters matching {', '.join(adapters)}, {base},\n"
+        f"# and {'may' if args.admin else 'may not'} call AdapterAdmin. Add this entry to the keys file:\n",
+        file=sys.stderr,
+    )
+    print(key_entry_toml(key, args.tenant, adapters, args.admin, args.name, base_model=args.base_model))
     return 0
 
 
@@ -151,6 +160,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("keygen", help="make an API key and print its [[keys]] entry")
     p.add_argument("--tenant", required=True)
     p.add_argument("--adapters", action="append", help="glob pattern of allowed adapter ids (repeatable)")
+    p.add_argument(
+        "--base-model",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="allow calls to the base model (empty adapter id), whatever --adapters says",
+    )
     p.add_argument("--admin", action="store_true", help="allow AdapterAdmin calls")
     p.add_argument("--name", default="")
     p.set_defaults(func=cmd_keygen)
@@ -159,13 +174,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+def _main(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     if args.command not in ("serve", "serve-ray"):  # they configure logging from their config
         from loraserve.logs import setup_logging
 
         setup_logging("warning")
     return run(args)  # ConfigError is a ValueError: one line naming the option, exit 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    return quiet_on_broken_pipe(lambda: _main(argv))  # `loraserve ... | head` stops silently
 
 
 if __name__ == "__main__":

@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
+import pytest
+
+from loraserve.auth import KeyRing
+from loraserve.errors import PermissionDenied
 from loraserve_client import Client
 from tests.helpers import free_port
 
@@ -22,7 +27,7 @@ sys.meta_path.insert(0, Block())
 def cli(*args: str, stdin: str | None = None, blocked: bool = False) -> subprocess.CompletedProcess:
     code = (
         BLOCK_TORCH if blocked else ""
-    ) + "import sys\nfrom server.cli import main\nsys.exit(main(sys.argv[1:]))"
+    ) + "import sys\nfrom loraserve.cli import main\nsys.exit(main(sys.argv[1:]))"
     return subprocess.run(
         [sys.executable, "-c", code, *args], input=stdin, capture_output=True, text=True, timeout=120
     )
@@ -128,3 +133,61 @@ def test_client_distribution_installs_alone(server, tmp_path) -> None:
     )
     assert run.returncode == 0, run.stderr
     assert len(json.loads(run.stdout)["token_ids"]) == 3
+
+
+CLIENT_SCRIPT = "import sys\nfrom loraserve_client.cli import main\nsys.exit(main(sys.argv[1:]))"
+SERVER_SCRIPT = "import sys\nfrom loraserve.cli import main\nsys.exit(main(sys.argv[1:]))"
+
+
+def into_closed_pipe(script: str, *args: str) -> subprocess.CompletedProcess:
+    """Runs a console script with stdout a pipe whose reader has already gone (`| head` after
+    its line): every write fails with EPIPE, deterministically."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        return subprocess.run(
+            [sys.executable, "-c", script, *args],
+            stdout=write_end,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=120,
+        )
+    finally:
+        os.close(write_end)
+
+
+@pytest.mark.parametrize("script", [SERVER_SCRIPT, CLIENT_SCRIPT], ids=["loraserve", "loraserve-client"])
+def test_a_closed_stdout_stops_the_command_quietly(server, script: str) -> None:
+    for args in (
+        ("generate", "--target", server.target, "-a", "a1", "-n", "6", "hello world"),
+        ("adapters", "list", "--all", "--target", server.target),
+        ("--help",),
+    ):
+        run = into_closed_pipe(script, *args)
+        assert run.returncode in (0, 141), (args, run.returncode, run.stderr)
+        assert "Broken pipe" not in run.stderr and "Traceback" not in run.stderr, run.stderr
+        assert "Exception ignored" not in run.stderr, run.stderr
+    assert into_closed_pipe(script, "health", "--target", server.target).returncode == 141
+
+
+def test_keygen_says_whether_the_key_may_use_the_base_model(tmp_path) -> None:
+    run = cli("keygen", "--tenant", "acme", "--adapters", "acme/*")
+    assert run.returncode == 0, run.stderr
+    assert "base_model = true" in run.stdout and "may also call the base model" in run.stderr
+    key = next(line[2:] for line in run.stderr.splitlines() if line.startswith("# lsk_"))
+    keys = tmp_path / "keys.toml"
+    keys.write_text(run.stdout)
+    principal = KeyRing.from_file(keys).authenticate([("authorization", f"Bearer {key}")])
+    principal.check_adapter("")  # the base model: allowed by default
+    principal.check_adapter("acme/x")
+    with pytest.raises(PermissionDenied):
+        principal.check_adapter("globex/x")
+
+    run = cli("keygen", "--tenant", "acme", "--adapters", "acme/*", "--no-base-model")
+    assert "base_model = false" in run.stdout and "may not call the base model" in run.stderr
+    key = next(line[2:] for line in run.stderr.splitlines() if line.startswith("# lsk_"))
+    keys.write_text(run.stdout)
+    principal = KeyRing.from_file(keys).authenticate([("authorization", f"Bearer {key}")])
+    with pytest.raises(PermissionDenied, match="base model"):
+        principal.check_adapter("")
+    principal.check_adapter("acme/x")
