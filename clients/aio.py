@@ -57,47 +57,28 @@ class AsyncClient:
     async def _unary(
         self, method: Callable, request: Any, timeout: float | None, adapter: str | None = None
     ) -> Any:
-        attempt = 0
-        while True:
-            try:
-                return await method(
-                    request,
-                    timeout=timeout or self.options.timeout,
-                    metadata=self.options.call_metadata(adapter),
-                )
-            except grpc.RpcError as error:
-                if error.code() == grpc.StatusCode.UNAVAILABLE and attempt < self.options.retries:
-                    await asyncio.sleep(self.options.delay(attempt))
-                    attempt += 1
-                    continue
-                raise from_rpc_error(error) from None
+        # Retries on UNAVAILABLE happen inside gRPC (the channel's retry policy, ClientOptions).
+        try:
+            return await method(
+                request, timeout=timeout or self.options.timeout, metadata=self.options.call_metadata(adapter)
+            )
+        except grpc.RpcError as error:
+            raise from_rpc_error(error) from None
 
     async def _stream(
         self, method: Callable, request: Any, timeout: float | None, adapter: str
     ) -> AsyncIterator[StreamChunk]:
-        attempt = 0
-        while True:
-            call = method(
-                request, timeout=timeout or self.options.timeout, metadata=self.options.call_metadata(adapter)
-            )
-            received = False
-            try:
-                async for message in call:
-                    received = True
-                    yield StreamChunk.from_pb(message)
-                return
-            except grpc.RpcError as error:
-                if (
-                    error.code() == grpc.StatusCode.UNAVAILABLE
-                    and not received
-                    and attempt < self.options.retries
-                ):
-                    await asyncio.sleep(self.options.delay(attempt))
-                    attempt += 1
-                    continue
-                raise from_rpc_error(error) from None
-            finally:
-                call.cancel()
+        # gRPC retries a stream that fails with UNAVAILABLE before its first message, never after.
+        call = method(
+            request, timeout=timeout or self.options.timeout, metadata=self.options.call_metadata(adapter)
+        )
+        try:
+            async for message in call:
+                yield StreamChunk.from_pb(message)
+        except grpc.RpcError as error:
+            raise from_rpc_error(error) from None
+        finally:
+            call.cancel()
 
     async def generate(
         self, prompt: str, adapter: str = "", *, timeout: float | None = None, **kwargs: Any

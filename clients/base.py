@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import random
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,6 +20,37 @@ CHANNEL_OPTIONS = [
     ("grpc.max_receive_message_length", 16 * 1024 * 1024),
     ("grpc.max_send_message_length", 16 * 1024 * 1024),
 ]
+# gRPC clamps a retry policy's maxAttempts (first try included) at 5; no channel option raises it.
+MAX_RETRIES = 4
+# The services whose calls the retry policy covers: every call the client makes.
+RETRIED_SERVICES = ("loraserve.v1.Inference", "loraserve.v1.AdapterAdmin", "grpc.health.v1.Health")
+
+
+def retry_service_config(retries: int, backoff: float, max_backoff: float) -> str:
+    """The channel's service config: retry on UNAVAILABLE only, with jittered exponential backoff.
+
+    gRPC does the retrying itself (its `retryPolicy`): the n-th retry waits a random time in
+    [0, min(backoff * 2**(n-1), max_backoff)], the same full-jitter backoff this client once
+    wrote out twice (sync and asyncio). gRPC also knows what a hand-written loop cannot: a call
+    is retried only until it is committed, that is until the server has sent response headers
+    or a message, so a stream that has started yielding text is never replayed.
+    """
+    return json.dumps(
+        {
+            "methodConfig": [
+                {
+                    "name": [{"service": service} for service in RETRIED_SERVICES],
+                    "retryPolicy": {
+                        "maxAttempts": retries + 1,
+                        "initialBackoff": f"{max(backoff, 0.001):.3f}s",
+                        "maxBackoff": f"{max(max_backoff, backoff, 0.001):.3f}s",
+                        "backoffMultiplier": 2,
+                        "retryableStatusCodes": ["UNAVAILABLE"],
+                    },
+                }
+            ]
+        }
+    )
 
 
 def _read(value: str | bytes | Path | None) -> bytes | None:
@@ -37,7 +68,9 @@ class ClientOptions:
     tls: use TLS (implied by ca_cert or client_cert); ca_cert: PEM of the CA that signed the
     server certificate (system roots when None); client_cert/client_key: PEM pair for mTLS;
     server_name: expected name in the server certificate when it differs from the target host.
-    retries: extra attempts on UNAVAILABLE only, with exponential backoff from `backoff` s.
+    retries: extra attempts on UNAVAILABLE only (0 to 4, gRPC's limit), with jittered exponential
+    backoff from `backoff` s up to `max_backoff` s; a stream is retried only before its first
+    message. They are gRPC's own retries, set on the channel (see retry_service_config).
     ray_serve: send the adapter id as Ray Serve's multiplexed model id (and the application
     name), so Ray routes each request to a replica that holds its adapter.
     """
@@ -57,6 +90,15 @@ class ClientOptions:
     ray_application: str = "loraserve"
     metadata: list[tuple[str, str]] = field(default_factory=list)
 
+    def __post_init__(self) -> None:
+        if not 0 <= self.retries <= MAX_RETRIES:
+            raise ValueError(
+                f"retries must be between 0 and {MAX_RETRIES} (gRPC makes at most 5 attempts per call); "
+                f"got {self.retries}"
+            )
+        if self.backoff < 0 or self.max_backoff < 0:
+            raise ValueError("backoff and max_backoff must not be negative")
+
     @property
     def secure(self) -> bool:
         return self.tls or self.ca_cert is not None or self.client_cert is not None
@@ -72,6 +114,13 @@ class ClientOptions:
 
     def channel_options(self) -> list[tuple[str, Any]]:
         options = list(CHANNEL_OPTIONS)
+        if self.retries > 0:
+            options.append(("grpc.enable_retries", 1))
+            options.append(
+                ("grpc.service_config", retry_service_config(self.retries, self.backoff, self.max_backoff))
+            )
+        else:
+            options.append(("grpc.enable_retries", 0))
         if self.server_name:
             options.append(("grpc.ssl_target_name_override", self.server_name))
         return options
@@ -85,10 +134,6 @@ class ClientOptions:
             if adapter is not None:
                 metadata.append(("multiplexed_model_id", adapter or "__base__"))
         return metadata
-
-    def delay(self, attempt: int) -> float:
-        """Backoff before retry number `attempt` (0-based), with full jitter."""
-        return random.uniform(0, min(self.max_backoff, self.backoff * 2**attempt))
 
 
 def generate_request(prompt: str, adapter: str, **kwargs: Any) -> pb2.GenerateRequest:

@@ -53,9 +53,10 @@ def add_connection_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--json", action="store_true", help="print JSON for scripts")
 
 
-def make_client(args: argparse.Namespace) -> Client:
+def make_client(args: argparse.Namespace, **options: Any) -> Client:
     return Client(
         args.target,
+        **options,
         api_key=args.api_key,
         tls=args.tls,
         ca_cert=args.ca_cert,
@@ -219,8 +220,7 @@ def cmd_adapters(args: argparse.Namespace) -> int:
 
 
 def cmd_health(args: argparse.Namespace) -> int:
-    with make_client(args) as client:
-        client.options.retries = 0
+    with make_client(args, retries=0) as client:  # a health probe reports what it sees, at once
         state = client.health(timeout=min(args.timeout, 10.0))
     print(json.dumps({"status": state}) if args.json else state)
     return 0 if state == "SERVING" else 1

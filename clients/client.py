@@ -59,47 +59,28 @@ class Client:
     def _unary(
         self, method: Callable, request: Any, timeout: float | None, adapter: str | None = None
     ) -> Any:
-        attempt = 0
-        while True:
-            try:
-                return method(
-                    request,
-                    timeout=timeout or self.options.timeout,
-                    metadata=self.options.call_metadata(adapter),
-                )
-            except grpc.RpcError as error:
-                if error.code() == grpc.StatusCode.UNAVAILABLE and attempt < self.options.retries:
-                    time.sleep(self.options.delay(attempt))
-                    attempt += 1
-                    continue
-                raise from_rpc_error(error) from None
+        # Retries on UNAVAILABLE happen inside gRPC (the channel's retry policy, ClientOptions).
+        try:
+            return method(
+                request, timeout=timeout or self.options.timeout, metadata=self.options.call_metadata(adapter)
+            )
+        except grpc.RpcError as error:
+            raise from_rpc_error(error) from None
 
     def _stream(
         self, method: Callable, request: Any, timeout: float | None, adapter: str
     ) -> Iterator[StreamChunk]:
-        attempt = 0
-        while True:
-            call = method(
-                request, timeout=timeout or self.options.timeout, metadata=self.options.call_metadata(adapter)
-            )
-            received = False
-            try:
-                for message in call:
-                    received = True
-                    yield StreamChunk.from_pb(message)
-                return
-            except grpc.RpcError as error:
-                if (
-                    error.code() == grpc.StatusCode.UNAVAILABLE
-                    and not received
-                    and attempt < self.options.retries
-                ):
-                    time.sleep(self.options.delay(attempt))
-                    attempt += 1
-                    continue
-                raise from_rpc_error(error) from None
-            finally:
-                call.cancel()  # no-op when finished; stops the server's work when the caller breaks out
+        # gRPC retries a stream that fails with UNAVAILABLE before its first message, never after.
+        call = method(
+            request, timeout=timeout or self.options.timeout, metadata=self.options.call_metadata(adapter)
+        )
+        try:
+            for message in call:
+                yield StreamChunk.from_pb(message)
+        except grpc.RpcError as error:
+            raise from_rpc_error(error) from None
+        finally:
+            call.cancel()  # no-op when finished; stops the server's work when the caller breaks out
 
     # ------------------------------------------------------------------ inference
     def generate(

@@ -1,11 +1,14 @@
-"""Every client method, sync and asyncio, against a real server; typed errors; retries."""
+"""Every client method, sync and asyncio, against a real server; typed errors; gRPC's retries
+(against a scripted server that fails on cue, to count the attempts)."""
 
 from __future__ import annotations
 
 import asyncio
 import threading
 import time
+from concurrent import futures
 
+import grpc
 import pytest
 
 from loraserve.auth import key_entry_toml
@@ -14,6 +17,7 @@ from loraserve_client import (
     AdapterRejected,
     AsyncClient,
     Client,
+    ClientOptions,
     DeadlineExceeded,
     InvalidRequest,
     Overloaded,
@@ -22,6 +26,8 @@ from loraserve_client import (
     Unauthenticated,
     Unavailable,
 )
+from loraserve_client.api import loraserve_pb2 as pb2
+from loraserve_client.api import loraserve_pb2_grpc as pb2_grpc
 from tests.helpers import ServerThread, free_port
 
 
@@ -142,19 +148,101 @@ def test_each_status_has_its_typed_error(toy, tmp_path, monkeypatch) -> None:
         nowhere.generate("hi")
 
 
-def test_retries_until_the_server_is_up(toy) -> None:
-    port = free_port()
-    holder: dict[str, ServerThread] = {}
+class Scripted(pb2_grpc.InferenceServicer):
+    """A gRPC server that fails the first calls with a chosen code, counting every attempt, so
+    that what gRPC's retry policy does on the client's channel can be seen exactly."""
 
-    def start_later() -> None:
-        time.sleep(1.0)
-        holder["server"] = ServerThread(model=str(toy.base), port=port, kv_cache_bytes=2 << 20).start()
+    def __init__(self, fail_first: int, code: grpc.StatusCode = grpc.StatusCode.UNAVAILABLE) -> None:
+        self.fail_first, self.code, self.attempts = fail_first, code, 0
+        self.lock = threading.Lock()
 
-    thread = threading.Thread(target=start_later)
-    thread.start()
-    try:
-        with Client(f"127.0.0.1:{port}", retries=10, backoff=0.3, max_backoff=1.0) as client:
-            assert client.generate("hello", max_new_tokens=2).usage.completion_tokens == 2
-    finally:
-        thread.join()
-        holder["server"].stop()
+    def _attempt(self) -> int:
+        with self.lock:
+            self.attempts += 1
+            return self.attempts
+
+    def Generate(self, request, context):
+        if self._attempt() <= self.fail_first:
+            context.abort(self.code, f"scripted {self.code.name}")
+        return pb2.GenerateResponse(text="ok", token_ids=[1])
+
+    def GenerateStream(self, request, context):
+        attempt = self._attempt()
+        if request.prompt == "fail after the first message":
+            yield pb2.GenerateStreamResponse(text="first")
+            context.abort(self.code, "scripted failure mid-stream")
+        if attempt <= self.fail_first:
+            context.abort(self.code, f"scripted {self.code.name}")
+        yield pb2.GenerateStreamResponse(text="ok")
+
+
+@pytest.fixture
+def scripted():
+    servers = []
+
+    def start(fail_first: int, code: grpc.StatusCode = grpc.StatusCode.UNAVAILABLE) -> tuple[str, Scripted]:
+        servicer = Scripted(fail_first, code)
+        server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+        pb2_grpc.add_InferenceServicer_to_server(servicer, server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        server.start()
+        servers.append(server)
+        return f"127.0.0.1:{port}", servicer
+
+    yield start
+    for server in servers:
+        server.stop(None)
+
+
+def test_unavailable_is_retried_by_grpc_up_to_retries(scripted) -> None:
+    target, servicer = scripted(fail_first=3)
+    with Client(target, retries=3, backoff=0.01, max_backoff=0.05) as client:
+        assert client.generate("hi").text == "ok"
+    assert servicer.attempts == 4
+    target, servicer = scripted(fail_first=3)
+    with Client(target, retries=2, backoff=0.01) as client, pytest.raises(Unavailable, match="scripted"):
+        client.generate("hi")
+    assert servicer.attempts == 3
+    target, servicer = scripted(fail_first=1)
+    with Client(target, retries=0) as client, pytest.raises(Unavailable):
+        client.generate("hi")
+    assert servicer.attempts == 1
+
+
+def test_only_unavailable_is_retried(scripted) -> None:
+    target, servicer = scripted(fail_first=1, code=grpc.StatusCode.RESOURCE_EXHAUSTED)
+    with Client(target, retries=4, backoff=0.01) as client, pytest.raises(Overloaded):
+        client.generate("hi")
+    assert servicer.attempts == 1
+
+
+def test_a_stream_is_retried_only_before_its_first_message(scripted) -> None:
+    target, servicer = scripted(fail_first=2)
+    with Client(target, retries=2, backoff=0.01) as client:
+        assert [c.text for c in client.generate_stream("hi")] == ["ok"]
+    assert servicer.attempts == 3
+    target, servicer = scripted(fail_first=0)
+    received = []
+    with Client(target, retries=4, backoff=0.01) as client, pytest.raises(Unavailable, match="mid-stream"):
+        for chunk in client.generate_stream("fail after the first message"):
+            received.append(chunk.text)
+    assert received == ["first"] and servicer.attempts == 1  # never replayed once text was yielded
+
+
+def test_async_client_retries_the_same_way(scripted) -> None:
+    target, servicer = scripted(fail_first=2)
+
+    async def run() -> None:
+        async with AsyncClient(target, retries=2, backoff=0.01) as client:
+            assert (await client.generate("hi")).text == "ok"
+            assert [c.text async for c in client.generate_stream("hi")] == ["ok"]
+
+    asyncio.run(run())
+    assert servicer.attempts == 4  # 2 failed + 1 unary, then the stream at once (fail_first spent)
+
+
+def test_retries_are_bounded_by_grpcs_limit() -> None:
+    with pytest.raises(ValueError, match="between 0 and 4"):
+        Client("127.0.0.1:1", retries=5)
+    with pytest.raises(ValueError, match="between 0 and 4"):
+        ClientOptions(retries=-1)
