@@ -4,8 +4,10 @@
 bitsandbytes `Linear4bit` / `Linear8bitLt` subclass `nn.Linear`) in a `LoRALinear`, and
 preallocates per module the stacked slot buffers A `[slots, r_max, in]` and B
 `[slots, out, r_max]`. The base layer's own forward (quantized kernel included) runs first,
-then the LoRA term is added for the tokens that have a slot; the token->slot mapping is set
-once per step (`set_batch`) and shared by all layers, so no forward signature changes.
+then the LoRA term is added for the tokens that have a slot by the table's LoRA backend
+(`loraserve.adapters.lora_backends`, chosen at attach). The backend's plan is built once per
+step from the token->slot mapping (`SlotTable.plan`) and reaches every layer through the step's
+forward context (`loraserve.forward_context`), so no forward signature changes.
 """
 
 from __future__ import annotations
@@ -16,42 +18,37 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from loraserve.adapters.ops import LoRAPlan, apply_lora, make_plan
+from loraserve.adapters.lora_backends import LoRABackend, LoRAPlan, select_lora_backend
 from loraserve.adapters.weights import AdapterWeights
 from loraserve.errors import FailedPrecondition
+from loraserve.forward_context import current_forward_context
 
 DECODER_LAYER_NAME = re.compile(r"(^|\.)layers\.\d+\.")
-
-
-@dataclass
-class LoRAContext:
-    """Per-step state shared by all LoRA layers of one model."""
-
-    plan: LoRAPlan | None = None
 
 
 class LoRALinear(nn.Module):
     """y = base(x) + scale[s] · (x @ A[s]ᵀ) @ B[s]ᵀ for each token's slot s (-1 adds nothing)."""
 
-    def __init__(self, base: nn.Module, a: torch.Tensor, b: torch.Tensor, context: LoRAContext) -> None:
+    def __init__(self, base: nn.Module, a: torch.Tensor, b: torch.Tensor, backend: LoRABackend) -> None:
         super().__init__()
         self.base = base
-        self.context = context
+        self.backend = backend
         # Plain attributes, not buffers: the slot table owns them and they never go to a state dict.
         self.lora_a = a  # [slots, r_max, in]
         self.lora_b = b  # [slots, out, r_max]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
-        plan = self.context.plan
-        if plan is None or plan.empty:
+        context = current_forward_context()
+        plan = context.lora if context is not None else None
+        if plan is None:  # outside a step, or no token of the step has an adapter
             return y
         if y.dtype != self.lora_a.dtype:
             y = y.to(self.lora_a.dtype)
         y = y.contiguous()
         y2 = y.view(-1, y.shape[-1])  # [T, out]
         x2 = x.reshape(-1, x.shape[-1]).to(self.lora_a.dtype)  # [T, in]
-        apply_lora(y2, x2, self.lora_a, self.lora_b, plan)
+        self.backend.apply(y2, x2, self.lora_a, self.lora_b, plan)
         return y
 
 
@@ -73,11 +70,11 @@ class SlotTable:
     max_rank: int
     dtype: torch.dtype
     device: torch.device
+    backend: LoRABackend
     layers: dict[str, LoRALinear] = field(default_factory=dict)
     shapes: dict[str, tuple[int, int]] = field(default_factory=dict)  # name -> (in, out)
     rank_of_slot: list[int] = field(default_factory=list)
     slot_modules: list[set[str]] = field(default_factory=list)  # modules with non-zero weights per slot
-    context: LoRAContext = field(default_factory=LoRAContext)
 
     @classmethod
     def attach(
@@ -88,13 +85,20 @@ class SlotTable:
         dtype: torch.dtype,
         device: torch.device,
         leaves: list[str] | None = None,
+        backend: str | LoRABackend = "auto",
     ) -> SlotTable:
-        """Wraps the target layers of `model` in place and allocates the slot buffers."""
+        """Wraps the target layers of `model` in place and allocates the slot buffers.
+
+        `backend`: a LoRA backend or its name (`auto`, `torch`, `reference`; see `select_lora_backend`).
+        """
+        if isinstance(backend, str):
+            backend = select_lora_backend(backend, device)
         table = cls(
             num_slots,
             max_rank,
             dtype,
             device,
+            backend,
             rank_of_slot=[0] * num_slots,
             slot_modules=[set() for _ in range(num_slots)],
         )
@@ -108,7 +112,7 @@ class SlotTable:
             b = torch.zeros(num_slots, max_rank, linear.out_features, dtype=dtype, device=device).transpose(
                 1, 2
             )
-            wrapper = LoRALinear(linear, a, b, table.context)
+            wrapper = LoRALinear(linear, a, b, backend)
             parent_name, _, leaf = name.rpartition(".")
             setattr(model.get_submodule(parent_name), leaf, wrapper)
             table.layers[name] = wrapper
@@ -160,12 +164,9 @@ class SlotTable:
         self.rank_of_slot[slot] = 0
         self.slot_modules[slot] = set()
 
-    def set_batch(self, slot_of_token: list[int]) -> None:
-        """Sets the token->slot mapping of the coming forward pass (once per step)."""
+    def plan(self, slot_of_token: list[int]) -> LoRAPlan | None:
+        """The backend's plan for a step whose token t has slot slot_of_token[t] (-1: base only),
+        or None when no token has one (layers then skip the LoRA term). Once per step, on the host."""
         if all(s < 0 for s in slot_of_token):
-            self.context.plan = None
-        else:
-            self.context.plan = make_plan(slot_of_token, self.rank_of_slot, self.device)
-
-    def clear_batch(self) -> None:
-        self.context.plan = None
+            return None
+        return self.backend.plan(slot_of_token, self.rank_of_slot)

@@ -66,6 +66,12 @@ class ServerConfig(BaseSettings):
         "linear layer of the decoder layers.",
     )
     adapter_load_workers: int = Field(2, ge=1, le=32, description="Threads reading adapters from disk.")
+    lora_backend: Literal["auto", "torch", "triton"] = Field(
+        "auto",
+        description="How a step's mixed-adapter LoRA term is computed: torch (padded bmm for decode "
+        "tokens, matmuls per prefill run), triton (fused GPU kernels; not available yet) or auto "
+        "(the best available on the device: torch).",
+    )
 
     # --- engine ----------------------------------------------------------------------------
     block_size: int = Field(16, ge=1, le=1024, description="Tokens per KV-cache block.")
@@ -151,6 +157,13 @@ class ServerConfig(BaseSettings):
             if not (path / "config.json").is_file():
                 raise ValueError(f"model directory has no config.json: {value}")
             return str(path.resolve())
+        return value
+
+    @field_validator("lora_backend")
+    @classmethod
+    def _check_lora_backend(cls, value: str) -> str:
+        if value == "triton":
+            raise ValueError("the triton LoRA backend is not available yet; use auto or torch")
         return value
 
     @field_validator("adapters_dir")

@@ -3,8 +3,12 @@
 The model's own attention modules (Llama, Mistral, Qwen2...) project q/k/v and apply rotary
 embeddings; they then call this function through transformers' `AttentionInterface`. It
 writes the step's new keys/values into their cache rows and attends, per sequence, over the
-rows of its block table. Per-step metadata lives in a thread-local `AttentionMetadata` set by
-the runner (one engine thread per model), so module signatures do not change.
+rows of its block table. The step's `AttentionMetadata` reaches it through the forward context
+that the runner sets once per step (`loraserve.forward_context`), so module signatures do not
+change.
+
+"Row" here is a KV cache row (block * block_size + offset); adapter slots are another thing,
+and only the LoRA layers see them.
 
 Batch layout: the runner flattens all sequences' new tokens into one row [1, T]; decode
 tokens (one per sequence) are attended in one padded SDPA call, prefill chunks one by one.
@@ -12,14 +16,14 @@ tokens (one per sequence) are attended in one padded SDPA call, prefill chunks o
 
 from __future__ import annotations
 
-import threading
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
+from loraserve.forward_context import current_forward_context
+
 ATTENTION_NAME = "loraserve_paged"
-_local = threading.local()
 
 
 @dataclass
@@ -38,7 +42,7 @@ class AttentionMetadata:
 
     k_cache: torch.Tensor  # [layers, rows, kv_heads, head_dim]
     v_cache: torch.Tensor
-    slot_mapping: torch.Tensor  # [T] cache row of each new token
+    cache_rows: torch.Tensor  # [T] cache row of each new token, where its key/value are written
     decode_tokens: torch.Tensor | None = None  # [Bd] batch index of each decode token
     decode_rows: torch.Tensor | None = None  # [Bd, max_ctx] cache rows per decode sequence
     decode_lengths: torch.Tensor | None = None  # [Bd] context length per decode sequence
@@ -57,15 +61,12 @@ class AttentionMetadata:
         return self._window_masks[window]
 
 
-def set_metadata(metadata: AttentionMetadata | None) -> None:
-    _local.metadata = metadata
-
-
 def get_metadata() -> AttentionMetadata:
-    metadata = getattr(_local, "metadata", None)
-    if metadata is None:
+    """The attention metadata of the step being run (set by the runner's forward context)."""
+    context = current_forward_context()
+    if context is None or context.attention is None:
         raise RuntimeError("paged attention called outside an engine step")
-    return metadata
+    return context.attention
 
 
 def _chunk_mask(length: int, context: int, window: int | None, device: torch.device) -> torch.Tensor:
@@ -95,8 +96,8 @@ def paged_attention_forward(
     k_cache, v_cache = meta.k_cache[layer], meta.v_cache[layer]  # [rows, KVH, D]
     new_k = key[0].transpose(0, 1)  # [T, KVH, D]
     new_v = value[0].transpose(0, 1)
-    k_cache.index_copy_(0, meta.slot_mapping, new_k.to(k_cache.dtype))
-    v_cache.index_copy_(0, meta.slot_mapping, new_v.to(v_cache.dtype))
+    k_cache.index_copy_(0, meta.cache_rows, new_k.to(k_cache.dtype))
+    v_cache.index_copy_(0, meta.cache_rows, new_v.to(v_cache.dtype))
 
     q = query[0]  # [H, T, D]
     num_tokens = q.shape[1]

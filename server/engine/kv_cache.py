@@ -54,9 +54,6 @@ class BlockManager:
         self._free.extend(block_table)
         block_table.clear()
 
-    def slot(self, block_table: list[int], position: int) -> int:
-        return block_table[position // self.block_size] * self.block_size + position % self.block_size
-
 
 class KVCache:
     """Key and value tensors of all layers: [layers, blocks * block_size, kv_heads, head_dim]."""

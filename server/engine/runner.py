@@ -3,8 +3,10 @@
 Uses the base model's own Hugging Face modules (embedding, rotary embedding, decoder layers,
 final norm, output head) of any Llama-family causal LM (Llama, Mistral, Qwen2...). All
 sequences' new tokens are flattened into one row [1, T]; attention goes through the paged
-KV cache (server.engine.attention); each adapted linear layer adds its token's adapter
-(adapters.layer) from the token->slot mapping set once here.
+KV cache (loraserve.engine.attention); each adapted linear layer adds its token's adapter
+(loraserve.adapters.layer). Both read the step's state from one forward context
+(loraserve.forward_context) that the runner sets once per step: the attention metadata (cache
+rows, block tables) and the LoRA backend's plan (each token's adapter slot).
 """
 
 from __future__ import annotations
@@ -13,10 +15,11 @@ import torch
 from torch import nn
 
 from loraserve.adapters.layer import SlotTable
-from loraserve.engine.attention import AttentionMetadata, PrefillChunk, register, set_metadata
+from loraserve.engine.attention import AttentionMetadata, PrefillChunk, register
 from loraserve.engine.kv_cache import KVCache
 from loraserve.engine.sequence import ScheduledSeq
 from loraserve.errors import FailedPrecondition
+from loraserve.forward_context import ForwardContext, forward_context
 
 
 def decoder_parts(model: nn.Module) -> tuple[nn.Module, nn.Module, nn.ModuleList, nn.Module, nn.Module]:
@@ -43,9 +46,9 @@ class ModelRunner:
         self.embed, self.rotary, self.layers, self.norm, self.lm_head = decoder_parts(model)
         model.config._attn_implementation = register()
 
-    def _metadata(self, batch: list[ScheduledSeq], slot_mapping: torch.Tensor) -> AttentionMetadata:
+    def _metadata(self, batch: list[ScheduledSeq], cache_rows: torch.Tensor) -> AttentionMetadata:
         bs = self.kv.block_size
-        meta = AttentionMetadata(self.kv.k, self.kv.v, slot_mapping)
+        meta = AttentionMetadata(self.kv.k, self.kv.v, cache_rows)
         decode_index, decode_tables, decode_lengths = [], [], []
         start = 0
         for item in batch:
@@ -83,8 +86,8 @@ class ModelRunner:
         bs = self.kv.block_size
         input_ids: list[int] = []
         positions: list[int] = []
-        rows: list[int] = []
-        slot_of_token: list[int] = []
+        rows: list[int] = []  # KV cache row of each new token
+        slot_of_token: list[int] = []  # adapter slot of each new token (-1: base model)
         sample_index: list[int] = []
         for item in batch:
             seq, n = item.seq, item.num_new
@@ -98,24 +101,22 @@ class ModelRunner:
                 sample_index.append(len(input_ids) - 1)
         ids = torch.tensor(input_ids, dtype=torch.long, device=self.device)[None]  # [1, T]
         pos = torch.tensor(positions, dtype=torch.long, device=self.device)[None]  # [1, T]
-        slot_mapping = torch.tensor(rows, dtype=torch.long, device=self.device)
-        set_metadata(self._metadata(batch, slot_mapping))
-        if self.slots is not None:
-            self.slots.set_batch(slot_of_token)
-        try:
-            hidden = self.embed(ids)  # [1, T, H]
-            position_embeddings = self.rotary(hidden, pos)
-            for layer in self.layers:
-                out = layer(
-                    hidden, attention_mask=None, position_ids=pos, position_embeddings=position_embeddings
-                )
-                hidden = out[0] if isinstance(out, tuple) else out  # older layers return (hidden, ...)
-            if not sample_index:
-                return torch.empty(0, 0)
-            last = hidden[0, torch.tensor(sample_index, device=self.device)]  # [n_sampled, H]
-            logits = self.lm_head(self.norm(last))
-            return logits.float()
-        finally:
-            set_metadata(None)
-            if self.slots is not None:
-                self.slots.clear_batch()
+        cache_rows = torch.tensor(rows, dtype=torch.long, device=self.device)  # [T]
+        lora = self.slots.plan(slot_of_token) if self.slots is not None else None
+        with forward_context(ForwardContext(self._metadata(batch, cache_rows), lora)):
+            return self._forward(ids, pos, sample_index)
+
+    def _forward(self, ids: torch.Tensor, pos: torch.Tensor, sample_index: list[int]) -> torch.Tensor:
+        """ids, pos: [1, T] -> logits [n_sampled, vocab] fp32 of the tokens at `sample_index`."""
+        hidden = self.embed(ids)  # [1, T, H]
+        position_embeddings = self.rotary(hidden, pos)
+        for layer in self.layers:
+            out = layer(
+                hidden, attention_mask=None, position_ids=pos, position_embeddings=position_embeddings
+            )
+            hidden = out[0] if isinstance(out, tuple) else out  # older layers return (hidden, ...)
+        if not sample_index:
+            return torch.empty(0, 0)
+        last = hidden[0, torch.tensor(sample_index, device=self.device)]  # [n_sampled, H]
+        logits = self.lm_head(self.norm(last))
+        return logits.float()

@@ -19,9 +19,10 @@ import torch
 from torch import nn
 
 from loraserve.adapters.layer import SlotTable
-from loraserve.adapters.ops import lora_reference
+from loraserve.adapters.lora_backends import lora_reference
 from loraserve.adapters.store import CONFIG_FILE, WEIGHTS_FILE
 from loraserve.adapters.weights import read_adapter_weights
+from loraserve.forward_context import ForwardContext, current_forward_context, forward_context
 from loraserve.model_loader import load_base_model
 from tests.helpers import TOY_ADAPTERS, PeftReference
 
@@ -97,9 +98,8 @@ def test_each_module_matches_peft_and_naive_loop(setup) -> None:
         slots = [rng.choice(range(-1, len(IDS))) for _ in range(40)]
         slots.sort()  # the runner orders tokens by slot
         x = torch.randn(len(slots), n_in, generator=torch.Generator().manual_seed(hash(name) % 1000))
-        table.set_batch(slots)
-        ours = layer(x[None])[0]
-        table.clear_batch()
+        with forward_context(ForwardContext(lora=table.plan(slots))):
+            ours = layer(x[None])[0]
         base = layer.base(x)
         naive = base + lora_reference(x, slots, layer.lora_a, layer.lora_b)
         torch.testing.assert_close(ours, naive, rtol=1e-5, atol=1e-5)
@@ -121,11 +121,22 @@ def test_whole_model_logits_match_peft_per_adapter(setup) -> None:
     prompt = reference.tokenizer("the quick brown fox jumps")["input_ids"]
     ids = torch.tensor([prompt])
     for slot, adapter_id in [(-1, ""), *enumerate(IDS)]:
-        table.set_batch([slot] * len(prompt))
-        ours = model(input_ids=ids).logits[0].float()
-        table.clear_batch()
+        with forward_context(ForwardContext(lora=table.plan([slot] * len(prompt)))):
+            ours = model(input_ids=ids).logits[0].float()
         naive.active = adapter_id
         expected = naive(input_ids=ids).logits[0].float()
         msg = f"adapter {adapter_id or 'base'}"
         torch.testing.assert_close(ours, expected, rtol=1e-4, atol=1e-4, msg=msg)
         torch.testing.assert_close(ours, reference.logits(prompt, adapter_id), rtol=1e-4, atol=1e-4, msg=msg)
+
+
+@torch.inference_mode()
+def test_layers_add_nothing_outside_a_step(setup) -> None:
+    _, table, _, _ = setup
+    name, layer = next(iter(table.layers.items()))
+    x = torch.randn(3, table.shapes[name][0])
+    assert current_forward_context() is None
+    torch.testing.assert_close(layer(x), layer.base(x), rtol=0, atol=0)
+    with forward_context(ForwardContext(lora=table.plan([-1, -1, -1]))) as context:
+        assert context.lora is None  # a base-only step has no plan: layers skip the LoRA term
+        torch.testing.assert_close(layer(x), layer.base(x), rtol=0, atol=0)
