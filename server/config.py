@@ -107,11 +107,15 @@ class ServerConfig(BaseSettings):
     # --- network -----------------------------------------------------------------------------
     host: str = Field("127.0.0.1", description="Address the gRPC server binds to.")
     port: int = Field(50051, ge=0, le=65535, description="gRPC port (0 picks a free one).")
-    metrics_host: str = Field("127.0.0.1", description="Address of the Prometheus /metrics endpoint.")
+    metrics_host: str = Field(
+        "127.0.0.1",
+        description="Address of the Prometheus /metrics endpoint (no authentication; it names adapters). "
+        "A non-loopback one needs api_keys_file or allow_unauthenticated_remote, like host.",
+    )
     metrics_port: int = Field(9090, ge=0, le=65535, description="Prometheus port; 0 disables metrics.")
     api_keys_file: Path | None = Field(None, description="TOML file of hashed API keys; unset disables auth.")
     allow_unauthenticated_remote: bool = Field(
-        False, description="Allow binding a non-loopback host without API keys."
+        False, description="Allow binding a non-loopback host or metrics_host without API keys."
     )
     tls_cert_file: Path | None = Field(None, description="PEM server certificate (enables TLS).")
     tls_key_file: Path | None = Field(None, description="PEM private key of tls_cert_file.")
@@ -121,6 +125,25 @@ class ServerConfig(BaseSettings):
     drain_seconds: float = Field(30.0, ge=0, description="Grace period for in-flight requests on SIGTERM.")
 
     # --- logging -----------------------------------------------------------------------------
+    # --- Ray Serve (serve-ray only) --------------------------------------------------------
+    ray_http_host: str = Field(
+        "127.0.0.1",
+        description="serve-ray: address of Ray Serve's HTTP proxy (loraserve serves nothing over it).",
+    )
+    ray_http_port: int = Field(8000, ge=1, le=65535, description="serve-ray: port of Ray Serve's HTTP proxy.")
+    ray_dashboard_port: int = Field(
+        0,
+        ge=0,
+        le=65535,
+        description="serve-ray: Ray dashboard port of a local Ray instance; 0: no dashboard.",
+    )
+    ray_metrics_export_port: int = Field(
+        0,
+        ge=0,
+        le=65535,
+        description="serve-ray: port of a local Ray instance's own Prometheus metrics; 0: Ray picks one.",
+    )
+
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log level.")
     log_format: Literal["text", "json"] = Field("text", description="Log line format.")
     log_prompts: bool = Field(False, description="Log prompt and output text (only with log_level=debug).")
@@ -183,15 +206,20 @@ class ServerConfig(BaseSettings):
             raise ValueError("tls_cert_file and tls_key_file must be given together")
         if self.tls_client_ca_file is not None and self.tls_cert_file is None:
             raise ValueError("tls_client_ca_file (mTLS) needs tls_cert_file and tls_key_file")
-        if (
-            self.api_keys_file is None
-            and not self.allow_unauthenticated_remote
-            and not is_loopback(self.host)
-        ):
-            raise ValueError(
-                f"host {self.host} is not loopback and no api_keys_file is set; "
-                "set api_keys_file or allow_unauthenticated_remote=true"
-            )
+        if self.tls_cert_file is not None and self.tls_key_file is not None:
+            check_tls_files(self.tls_cert_file, self.tls_key_file, self.tls_client_ca_file)
+        if self.api_keys_file is None and not self.allow_unauthenticated_remote:
+            if not is_loopback(self.host):
+                raise ValueError(
+                    f"host {self.host} is not loopback and no api_keys_file is set; "
+                    "set api_keys_file or allow_unauthenticated_remote=true"
+                )
+            if self.metrics_port and not is_loopback(self.metrics_host):
+                raise ValueError(
+                    f"metrics_host {self.metrics_host} is not loopback and no api_keys_file is set "
+                    "(/metrics has no authentication and names adapters); bind it to 127.0.0.1, "
+                    "or set api_keys_file or allow_unauthenticated_remote=true"
+                )
         if self.max_num_batched_tokens < self.block_size:
             raise ValueError("max_num_batched_tokens must be at least block_size")
         for tenant, weight in self.tenant_weights.items():
@@ -205,6 +233,42 @@ def is_loopback(host: str) -> bool:
     if host == "localhost":
         return True
     try:
+def check_tls_files(cert_file: Path, key_file: Path, client_ca_file: Path | None) -> None:
+    """Refuses unreadable PEM files and a private key that is not the certificate's, naming which.
+
+    gRPC would only say that it cannot bind the port; OpenSSL (through `ssl`) says why.
+    """
+    import ssl
+
+    for name, path, marker in (
+        ("tls_cert_file", cert_file, "-----BEGIN CERTIFICATE-----"),
+        ("tls_key_file", key_file, "PRIVATE KEY-----"),
+        ("tls_client_ca_file", client_ca_file, "-----BEGIN CERTIFICATE-----"),
+    ):
+        if path is not None and marker not in Path(path).read_text(errors="replace"):
+            what = "private key" if name == "tls_key_file" else "certificate"
+            raise ValueError(f"{name}: {path} holds no PEM {what}")
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:
+        context.load_cert_chain(cert_file, key_file)
+    except ssl.SSLError as error:
+        if error.reason == "KEY_VALUES_MISMATCH":
+            raise ValueError(
+                f"tls_key_file: {key_file} is not the private key of the certificate in {cert_file}"
+            ) from None
+        raise ValueError(
+            f"tls_cert_file/tls_key_file: OpenSSL cannot use them as a certificate and its key: "
+            f"{error.reason or error}"
+        ) from None
+    if client_ca_file is not None:
+        try:
+            context.load_verify_locations(cafile=client_ca_file)
+        except ssl.SSLError as error:
+            raise ValueError(
+                f"tls_client_ca_file: {client_ca_file} is not a PEM CA bundle: {error.reason or error}"
+            ) from None
+
+
         return ipaddress.ip_address(host.strip("[]")).is_loopback
     except ValueError:
         return False

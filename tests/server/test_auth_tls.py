@@ -24,8 +24,7 @@ def keyed_server(toy, tmp_path_factory):
     keys.write_text(
         key_entry_toml(ACME, "acme", ["a1", "org/*"], admin=False)
         + "\n"
-        + key_entry_toml(OPS, "ops", ["*"], admin=True)
-        + "base_model = false\n"
+        + key_entry_toml(OPS, "ops", ["*"], admin=True, base_model=False)
     )
     with ServerThread(
         model=str(toy.base), adapters_dir=toy.store, api_keys_file=keys, kv_cache_bytes=2 << 20
@@ -74,6 +73,19 @@ def test_non_loopback_bind_needs_keys_or_an_explicit_opt_in(toy) -> None:
     assert (
         load_config(model=str(toy.base), host="0.0.0.0", allow_unauthenticated_remote=True).host == "0.0.0.0"
     )
+
+
+def test_non_loopback_metrics_need_keys_or_an_explicit_opt_in(toy, tmp_path) -> None:
+    with pytest.raises(ConfigError, match=r"metrics_host 0\.0\.0\.0 is not loopback"):
+        load_config(model=str(toy.base), metrics_host="0.0.0.0")
+    keys = tmp_path / "keys.toml"
+    keys.write_text(key_entry_toml(ACME, "acme", ["*"], admin=False))
+    assert (
+        load_config(model=str(toy.base), metrics_host="0.0.0.0", api_keys_file=keys).metrics_host == "0.0.0.0"
+    )
+    opted_in = load_config(model=str(toy.base), metrics_host="0.0.0.0", allow_unauthenticated_remote=True)
+    assert opted_in.metrics_host == "0.0.0.0"
+    assert load_config(model=str(toy.base), metrics_host="0.0.0.0", metrics_port=0).metrics_port == 0
 
 
 @pytest.fixture(scope="module")
@@ -131,3 +143,44 @@ def test_mtls_with_the_client_and_the_cli(toy, pki) -> None:
             timeout=60,
         )
         assert run.returncode == 0 and run.stdout.strip() == "SERVING", run.stderr
+
+
+def test_a_key_that_is_not_the_certificates_is_named(toy, pki) -> None:
+    with pytest.raises(
+        ConfigError, match=r"tls_key_file: .*client\.key is not the private key of the certificate"
+    ):
+        load_config(model=str(toy.base), tls_cert_file=pki["server.pem"], tls_key_file=pki["client.key"])
+
+
+@pytest.mark.parametrize(
+    "cert, key, message",
+    [
+        ("server.key", "server.key", "tls_cert_file: .* holds no PEM certificate"),
+        ("server.pem", "server.pem", "tls_key_file: .* holds no PEM private key"),
+    ],
+)
+def test_swapped_tls_files_are_named(toy, pki, cert, key, message) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load_config(model=str(toy.base), tls_cert_file=pki[cert], tls_key_file=pki[key])
+
+
+def test_tls_mismatch_stops_serve_with_one_line(toy, pki) -> None:
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "loraserve.cli",
+            "serve",
+            "--model",
+            str(toy.base),
+            "--tls-cert-file",
+            str(pki["server.pem"]),
+            "--tls-key-file",
+            str(pki["client.key"]),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert run.returncode == 2, run.stderr
+    assert "is not the private key of the certificate" in run.stderr and "cannot bind" not in run.stderr
