@@ -64,6 +64,7 @@ class EngineConfig:
     max_lora_rank: int = 16
     max_host_adapter_bytes: int = 2 * 1024**3
     lora_target_modules: list[str] | None = None
+    lora_backend: str = "auto"  # loraserve.adapters.lora_backends.select_lora_backend
     adapter_load_workers: int = 2
     block_size: int = 16
     kv_cache_bytes: int = 0
@@ -108,6 +109,7 @@ class Engine:
             loaded.dtype,
             loaded.device,
             config.lora_target_modules,
+            config.lora_backend,
         )
         store = AdapterStore(config.adapters_dir) if config.adapters_dir is not None else None
         self.adapters = AdapterManager(
