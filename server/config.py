@@ -124,7 +124,6 @@ class ServerConfig(BaseSettings):
     )
     drain_seconds: float = Field(30.0, ge=0, description="Grace period for in-flight requests on SIGTERM.")
 
-    # --- logging -----------------------------------------------------------------------------
     # --- Ray Serve (serve-ray only) --------------------------------------------------------
     ray_http_host: str = Field(
         "127.0.0.1",
@@ -144,6 +143,7 @@ class ServerConfig(BaseSettings):
         description="serve-ray: port of a local Ray instance's own Prometheus metrics; 0: Ray picks one.",
     )
 
+    # --- logging -----------------------------------------------------------------------------
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log level.")
     log_format: Literal["text", "json"] = Field("text", description="Log line format.")
     log_prompts: bool = Field(False, description="Log prompt and output text (only with log_level=debug).")
@@ -228,11 +228,6 @@ class ServerConfig(BaseSettings):
         return self
 
 
-def is_loopback(host: str) -> bool:
-    """True for localhost and loopback addresses (127.0.0.0/8, ::1)."""
-    if host == "localhost":
-        return True
-    try:
 def check_tls_files(cert_file: Path, key_file: Path, client_ca_file: Path | None) -> None:
     """Refuses unreadable PEM files and a private key that is not the certificate's, naming which.
 
@@ -269,6 +264,11 @@ def check_tls_files(cert_file: Path, key_file: Path, client_ca_file: Path | None
             ) from None
 
 
+def is_loopback(host: str) -> bool:
+    """True for localhost and loopback addresses (127.0.0.0/8, ::1)."""
+    if host == "localhost":
+        return True
+    try:
         return ipaddress.ip_address(host.strip("[]")).is_loopback
     except ValueError:
         return False
