@@ -14,6 +14,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 import random
 import shutil
 import tempfile
@@ -333,6 +334,37 @@ def train(config: TrainConfig, base_model: Any = None, tokenizer: Any = None) ->
     return result
 
 
+def current_umask() -> int:
+    """The process's umask, read without changing it where Linux reports it."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)  # elsewhere: set and restore at once
+    os.umask(mask)
+    return mask
+
+
+def publish_permissions(root: Path) -> None:
+    """Gives a tree written through private files the permissions of files created normally:
+    folders 0777 and files 0666, less the umask (0755 / 0644 with the usual 022).
+
+    The staging folder comes from tempfile.mkdtemp (0700) and safetensors writes its files 0600,
+    so without this an adapter or a demo model made on the host is unreadable to every other
+    user, such as the Docker image's non-root user reading a mounted store. Called before the
+    tree is renamed into place, so readers never see the private modes.
+    """
+    mask = current_umask()
+    for folder, _, files in os.walk(root):
+        os.chmod(folder, 0o777 & ~mask)
+        for name in files:
+            path = os.path.join(folder, name)
+            if not os.path.islink(path):
+                os.chmod(path, 0o666 & ~mask)
+
+
 def _save(model: Any, config: TrainConfig, result: TrainResult, target: Path) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".training-", dir=target.parent))
@@ -355,6 +387,7 @@ def _save(model: Any, config: TrainConfig, result: TrainResult, target: Path) ->
         }
         (staging / METADATA_FILE).write_text(json.dumps(metadata, indent=2, ensure_ascii=False))
         (staging / "README.md").unlink(missing_ok=True)
+        publish_permissions(staging)
         if target.exists():
             shutil.rmtree(target)
         staging.rename(target)

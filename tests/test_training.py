@@ -1,8 +1,12 @@
-"""`loraserve train`: QLoRA on a tiny model, data errors with line numbers."""
+"""`loraserve train`: QLoRA on a tiny model, data errors with line numbers, files other users can
+read (umask modes), and an unreadable model named as such."""
 
 from __future__ import annotations
 
+import ctypes
 import json
+import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -137,3 +141,74 @@ def test_cli_reports_bad_data_in_one_line(toy, tmp_path: Path) -> None:
     )
     assert run.returncode == 2
     assert run.stderr.strip().count("\n") == 0 and "bad.jsonl:2: not valid JSON" in run.stderr
+
+
+def _modes(root: Path) -> set[tuple[str, int]]:
+    return {("dir" if p.is_dir() else "file", p.stat().st_mode & 0o777) for p in [root, *root.rglob("*")]}
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_trained_adapter_files_follow_the_umask(toy, tmp_path: Path, umask: int) -> None:
+    """Not mkdtemp's 0700 nor safetensors' 0600: a container's other user must read the store."""
+    data = _write(tmp_path / "train.jsonl", [{"prompt": "copy cat:", "completion": " cat"}] * 4)
+    config = TrainConfig(
+        model=str(toy.base),
+        data=data,
+        adapters_dir=tmp_path / "store",
+        adapter_id="team/perm",
+        rank=2,
+        steps=1,
+        batch_size=2,
+        quiet=True,
+        eval_fraction=0.0,
+    )
+    previous = os.umask(umask)
+    try:
+        train(config)
+    finally:
+        os.umask(previous)
+    folder = tmp_path / "store" / "team" / "perm"
+    assert (folder / "adapter_model.safetensors").is_file()
+    assert _modes(folder) == {("dir", 0o777 & ~umask), ("file", 0o666 & ~umask)}
+
+
+def _without_permission_override() -> None:
+    """Runs in the child before exec: as root, drop the capabilities that bypass file modes
+    (CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH) from the bounding set, so the exec'd program gets
+    EACCES like any other user would."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    for capability in (1, 2):
+        if libc.prctl(24, capability, 0, 0, 0) != 0:  # PR_CAPBSET_DROP
+            raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP)")
+
+
+def test_an_unreadable_model_is_reported_as_permission_denied(toy, tmp_path: Path) -> None:
+    model = tmp_path / "base"
+    shutil.copytree(toy.base, model)
+    weights = model / "model.safetensors"
+    weights.chmod(0o600)
+    if os.geteuid() == 0:
+        os.chown(weights, 65534, 65534)  # someone else's private file, as a host user's is
+    else:
+        weights.chmod(0o000)
+    code = (
+        "import sys\n"
+        "from loraserve.config import ConfigError\n"
+        "from loraserve.model_loader import load_base_model\n"
+        "try:\n"
+        "    load_base_model(sys.argv[1], 'none', 'cpu')\n"
+        "except ConfigError as error:\n"
+        "    print(error)\n"
+    )
+    run = subprocess.run(
+        [sys.executable, "-c", code, str(model)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        preexec_fn=_without_permission_override if os.geteuid() == 0 else None,
+    )
+    assert "permission denied reading" in run.stdout and "model.safetensors" in run.stdout, (
+        run.stdout + run.stderr[-2000:]
+    )
+    assert "mode 0600" in run.stdout or "mode 0000" in run.stdout
+    assert "No such file" not in run.stdout

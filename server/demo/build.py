@@ -7,7 +7,8 @@
 3. Held-out exact match of each adapter and of the base model on the same tasks.
 
 The build goes to a staging folder and is renamed into place when complete, under a lock,
-so concurrent callers (make serve, tests) build it once.
+so concurrent callers (make serve, tests) build it once. Its files get the usual modes (umask),
+so a container running as another user can read a mounted build.
 """
 
 from __future__ import annotations
@@ -173,6 +174,9 @@ def ensure_demo(cache_dir: Path | None = None, force: bool = False, progress: bo
             staging = cache_dir / f".demo-v{DEMO_VERSION}.building"
             shutil.rmtree(staging, ignore_errors=True)
             build(staging, progress)
+            from loraserve.adapters.training import publish_permissions  # imports torch: not at the top
+
+            publish_permissions(staging)  # readable by other users (a container's), as umask allows
             shutil.rmtree(demo.root, ignore_errors=True)
             staging.rename(demo.root)
     return demo
