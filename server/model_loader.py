@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -102,6 +103,33 @@ def quantization_config(quantization: str, double_quant: bool, dtype: torch.dtyp
     return None
 
 
+def check_readable(model_path: str) -> None:
+    """Names a model folder or file this process may not read. transformers reports one as
+    missing ("No such file or directory"), which misleads when the cause is its mode, such as
+    0600 files written on the host and read by a container's other user."""
+    import os
+
+    folder = Path(model_path).expanduser()
+    if not folder.is_dir():
+        return  # a hub id or a single file: its loader reports it
+
+    def denied(path: Path) -> bool:
+        return not os.access(path, os.R_OK | (os.X_OK if path.is_dir() else 0))
+
+    if denied(folder):
+        path = folder
+    else:
+        path = next((p for p in sorted(folder.iterdir()) if denied(p)), None)
+        if path is None:
+            return
+    info = path.stat()
+    raise ConfigError(
+        f"--model: permission denied reading {path} (mode {info.st_mode & 0o777:04o}, owner uid "
+        f"{info.st_uid}; this process runs as uid {os.getuid()}): make it readable, "
+        "e.g. chmod -R a+rX on the model folder"
+    )
+
+
 def load_tokenizer(model_path: str) -> Any:
     from transformers import AutoTokenizer
 
@@ -124,6 +152,7 @@ def load_base_model(
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
+    check_readable(model_path)
     device = resolve_device(device_name)
     dtype = resolve_dtype(dtype_name, device)
     try:
