@@ -39,7 +39,7 @@ def serve_engine(engine: Any) -> Iterator[str]:
     finally:
 
         async def stop() -> None:
-            server.gate.phase = "draining"
+            server.guard.phase = "draining"
             await server.server.stop(grace=1.0)
 
         asyncio.run_coroutine_threadsafe(stop(), loop).result(30)

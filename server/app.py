@@ -4,7 +4,10 @@ The gRPC port opens first with health NOT_SERVING (inference calls get UNAVAILAB
 orchestrators can watch start-up; health turns SERVING once the model is loaded and one
 generation ran through the engine. On SIGTERM/SIGINT the server stops taking new requests
 (UNAVAILABLE, health NOT_SERVING), lets in-flight ones finish within `drain_seconds`, then
-exits 0.
+exits 0; a signal during start-up stops it cleanly too ("interrupted during start-up", exit 0).
+
+The process hosts one engine, its services (loraserve.wiring) and the gRPC front end
+(loraserve.handlers + loraserve.service) behind the shared guard (loraserve.guard).
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -22,12 +26,13 @@ from grpc_reflection.v1alpha import reflection
 
 from loraserve.auth import KeyRing
 from loraserve.config import ConfigError, ServerConfig, is_loopback
-from loraserve.engine.engine import Engine, EngineConfig
-from loraserve.handlers import Gate, service_handler
+from loraserve.engine.engine import Engine
+from loraserve.guard import DRAINING, SERVING, Guard, describe
+from loraserve.handlers import service_handler
 from loraserve.metrics import Metrics
-from loraserve.model_loader import LoadedModel, load_base_model
-from loraserve.service import AdapterAdminService, InferenceService
-from loraserve.validation import Limits
+from loraserve.model_loader import LoadedModel
+from loraserve.service import AdapterAdminService, InferenceService, grpc_services
+from loraserve.wiring import Services, engine_parts
 
 log = logging.getLogger(__name__)
 SERVICES = ("loraserve.v1.Inference", "loraserve.v1.AdapterAdmin")
@@ -44,6 +49,7 @@ GRPC_OPTIONS = [
 
 
 def server_credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
+    """TLS credentials from the config's files (checked as a pair by ServerConfig), or None."""
     if config.tls_cert_file is None:
         return None
     key = Path(config.tls_key_file).read_bytes()
@@ -77,8 +83,9 @@ class LoraServer:
         self.config = config
         self.metrics = metrics or Metrics(config.metrics_max_adapter_labels)
         keyring = KeyRing.from_file(config.api_keys_file) if config.api_keys_file else None
-        self.gate = Gate(keyring, self.metrics)
+        self.guard = Guard(keyring, self.metrics)
         self.health = health.aio.HealthServicer()
+        self.services: Services | None = None
         self.inference: InferenceService | None = None
         self.admin: AdapterAdminService | None = None
         self.server: grpc.aio.Server | None = None
@@ -100,8 +107,8 @@ class LoraServer:
         self.server = grpc.aio.server(options=GRPC_OPTIONS)
         self.server.add_generic_rpc_handlers(
             (
-                service_handler("Inference", lambda: self.inference, self.gate),
-                service_handler("AdapterAdmin", lambda: self.admin, self.gate, admin=True),
+                service_handler("Inference", lambda: self.inference, self.guard),
+                service_handler("AdapterAdmin", lambda: self.admin, self.guard, admin=True),
             )
         )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
@@ -131,53 +138,72 @@ class LoraServer:
             "mTLS" if config.tls_client_ca_file else "TLS" if credentials else "plaintext",
         )
         if config.metrics_port:
-            self.metrics_server = self.metrics.serve(config.metrics_host, config.metrics_port)
-            log.info("metrics on http://%s:%d/metrics", config.metrics_host, config.metrics_port)
+            self.metrics_server = self.serve_metrics()
         self._loader = asyncio.create_task(self._load())
         return self.port
+
+    def serve_metrics(self) -> Any:
+        """Starts /metrics; says who can reach it (it has no authentication, whatever the keys)."""
+        config = self.config
+        try:
+            server = self.metrics.serve(config.metrics_host, config.metrics_port)
+        except OSError as error:
+            raise ConfigError(
+                f"--metrics-port: cannot bind {config.metrics_host}:{config.metrics_port}: {error.strerror}"
+            ) from None
+        if is_loopback(config.metrics_host):
+            log.info(
+                "metrics on http://%s:%d/metrics (loopback only)", config.metrics_host, config.metrics_port
+            )
+        else:
+            log.warning(
+                "metrics on http://%s:%d/metrics: unauthenticated and reachable from the network "
+                "(it names adapters); bind --metrics-host 127.0.0.1 to keep it local",
+                config.metrics_host,
+                config.metrics_port,
+            )
+        return server
 
     async def _load(self) -> None:
         try:
             started = time.perf_counter()
             if self.engine is not None:  # built and started by the caller
-                config, loaded, engine = self.config, self.engine.loaded, self.engine
+                config, engine = self.config, self.engine
             else:
                 resolved: list[ServerConfig] = []
 
-                def build() -> tuple[LoadedModel, EngineConfig]:
+                def build() -> tuple[Any, Any]:
                     # On the engine's thread: the demo build and the model load are tensor work too.
                     config = resolve_model(self.config)
                     resolved.append(config)
-                    loaded = load_base_model(
-                        config.model,
-                        config.quantization,
-                        config.device,
-                        config.compute_dtype,
-                        config.double_quant,
-                        config.max_context_length,
-                    )
-                    return loaded, EngineConfig.from_server_config(config)
+                    return engine_parts(config)()
 
-                engine = await asyncio.wrap_future(Engine.spawn(build, self.metrics, self.config.warmup))
+                spawned = Engine.spawn(build, self.metrics, self.config.warmup)
+                try:
+                    engine = await asyncio.shield(asyncio.wrap_future(spawned))
+                except asyncio.CancelledError:
+                    # The model is still loading on its own thread: stop the engine once it exists.
+                    spawned.add_done_callback(_shut_down_when_built)
+                    raise
                 config = self.config = resolved[0]
-                loaded = engine.loaded
-            self.loaded, self.engine = loaded, engine
-            limits = Limits.from_config(config, loaded.max_context_length)
-            self.inference = InferenceService(loaded, engine, limits, self.metrics, config)
-            self.admin = AdapterAdminService(engine)
-            self.gate.phase = "serving"
+            self.loaded, self.engine = engine.loaded, engine
+            self.services = Services.build(config, engine, self.metrics)
+            self.inference, self.admin = grpc_services(self.services)
+            self.guard.phase = SERVING
             await self._set_health(health_pb2.HealthCheckResponse.SERVING)
             log.info("ready in %.1f s: serving %s", time.perf_counter() - started, config.model)
+        except asyncio.CancelledError:
+            log.info("interrupted during start-up")
         except BaseException as error:  # noqa: BLE001 - reported by run()
             self.failed = error
-            log.error("start-up failed: %s", error)
+            log.error("start-up failed: %s", describe(error))
         finally:
             self.ready.set()
 
     async def drain(self, grace: float | None = None) -> None:
         """Refuses new calls, waits for in-flight requests (up to `grace` s), then stops."""
         grace = self.config.drain_seconds if grace is None else grace
-        self.gate.phase = "draining"
+        self.guard.phase = DRAINING
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         if self._loader is not None and not self._loader.done():
             self._loader.cancel()
@@ -206,9 +232,20 @@ class LoraServer:
         )
         if self.failed is not None and not stop.is_set():
             await self.drain(0)
-            raise self.failed if isinstance(self.failed, ConfigError) else RuntimeError(str(self.failed))
+            raise self.failed if isinstance(self.failed, ConfigError) else RuntimeError(describe(self.failed))
         await waiter
-        log.info("signal received: draining (up to %.0f s)", self.config.drain_seconds)
-        await self.drain()
+        if self.guard.phase == SERVING:
+            log.info("signal received: draining (up to %.0f s)", self.config.drain_seconds)
+            await self.drain()
+        else:
+            log.info("signal received during start-up: stopping")
+            await self.drain(0)
         log.info("stopped")
         return 0
+
+
+def _shut_down_when_built(spawned: Any) -> None:
+    """Done-callback of an engine spawn whose start-up was interrupted (it runs on the engine's
+    own thread, which cannot join itself: the shutdown gets a thread of its own)."""
+    if not spawned.cancelled() and spawned.exception() is None:
+        threading.Thread(target=spawned.result().shutdown, name="engine-shutdown", daemon=True).start()

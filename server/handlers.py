@@ -1,37 +1,25 @@
-"""gRPC method handlers built from the proto's service descriptors, with one error boundary.
+"""gRPC method handlers built from the proto's service descriptors, around the shared guard.
 
-Every RPC of `Inference` and `AdapterAdmin` goes through `_guard`: it refuses calls while
-the server is starting or draining (UNAVAILABLE), authenticates the caller (API keys),
-turns undecodable requests (wrong types, invalid UTF-8) into INVALID_ARGUMENT, maps
-ServeError subclasses to their status codes, and turns any other exception into INTERNAL
-for that call only, logged with its request id. Error counts by code go to the metrics.
+Every RPC of `Inference` and `AdapterAdmin` runs inside `_guarded`: the guard (loraserve.guard)
+admits the call (phase, API key, admin right) and turns failures into public errors; this module
+does only the gRPC side: request ids in trailing metadata, deadlines from the context,
+undecodable requests (wrong types, invalid UTF-8) as INVALID_ARGUMENT, and status codes.
 """
 
 from __future__ import annotations
 
 import asyncio
-import logging
-import uuid
+import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
 from typing import Any
 
 import grpc
 
-from loraserve.auth import ANONYMOUS, Principal
-from loraserve.errors import InternalError, InvalidArgument, ServeError, Unavailable
+from loraserve.errors import InvalidArgument, ServeError
+from loraserve.guard import Call, Guard
 from loraserve_client.api import loraserve_pb2 as pb2
 
-log = logging.getLogger(__name__)
-
-
-@dataclass
-class Call:
-    """Per-RPC facts handed to the service methods."""
-
-    request_id: str
-    method: str
-    principal: Principal
+REQUEST_ID_HEADER = "x-request-id"
 
 
 class Undecodable:
@@ -52,110 +40,83 @@ def safe_deserializer(message_class: Any) -> Callable[[bytes], Any]:
     return deserialize
 
 
-class Gate:
-    """What the guard checks before a call runs; the server updates `phase`."""
-
-    def __init__(self, keyring: Any, metrics: Any) -> None:
-        self.phase = "starting"  # starting -> serving -> draining
-        self.keyring = keyring
-        self.metrics = metrics
-
-    def admit(self, request: Any, context: grpc.aio.ServicerContext, admin: bool) -> Principal:
-        if self.phase == "starting":
-            raise Unavailable("server is starting: the model is still loading")
-        if self.phase == "draining":
-            raise Unavailable("server is shutting down and takes no new requests")
-        principal = (
-            ANONYMOUS if self.keyring is None else self.keyring.authenticate(context.invocation_metadata())
+def check_decoded(request: Any) -> None:
+    """Refuses a request that did not parse (checked after admission, like any field)."""
+    if isinstance(request, Undecodable):
+        raise InvalidArgument(
+            f"request is not a valid {request.type_name}: wrong field types or invalid UTF-8 in a string "
+            f"field ({type(request.error).__name__})"
         )
-        if admin:
-            principal.check_admin()
-        if isinstance(request, Undecodable):
-            raise InvalidArgument(
-                f"request is not a valid {request.type_name}: wrong field types or invalid UTF-8 in a string "
-                f"field ({type(request.error).__name__})"
-            )
-        return principal
 
 
-def _code_of(error: ServeError) -> grpc.StatusCode:
+def status_code(error: ServeError) -> grpc.StatusCode:
     return getattr(grpc.StatusCode, error.code, grpc.StatusCode.INTERNAL)
 
 
-def _count_error(gate: Gate, code: grpc.StatusCode) -> None:
-    if gate.metrics is not None:
-        gate.metrics.request_errors.labels(code.name).inc()
-
-
-def _cancel_code(context: grpc.aio.ServicerContext) -> grpc.StatusCode:
+def deadline_of(context: Any) -> float | None:
     remaining = context.time_remaining()
-    return (
-        grpc.StatusCode.DEADLINE_EXCEEDED
-        if remaining is not None and remaining <= 0
-        else grpc.StatusCode.CANCELLED
-    )
+    return None if remaining is None else time.monotonic() + remaining
 
 
-async def _fail(gate: Gate, context: grpc.aio.ServicerContext, call: Call, error: Exception) -> None:
-    if not isinstance(error, ServeError) or isinstance(error, InternalError):
-        # Details stay in the log; the client gets the request id to quote.
-        log.error(
-            "request %s (%s) failed: %s",
-            call.request_id,
-            call.method,
-            error,
-            exc_info=error if not isinstance(error, ServeError) else None,
-        )
-        error = InternalError(f"internal error while serving the request (request id {call.request_id})")
-    code = _code_of(error)
-    _count_error(gate, code)
-    log.info(
-        "request failed: %s",
-        error.message,
-        extra={"request_id": call.request_id, "method": call.method, "code": code.name},
-    )
-    context.set_trailing_metadata((("x-request-id", call.request_id),))
-    await context.abort(code, error.message)
+def _deadline_passed(call: Call) -> bool:
+    return call.deadline is not None and time.monotonic() >= call.deadline
 
 
-def _unary(gate: Gate, method: str, behavior: Callable[[], Callable], admin: bool) -> Callable:
+def _open(guard: Guard, method: str, context: grpc.aio.ServicerContext) -> Call:
+    """A new call with its request id (also in the trailing metadata) and the client's deadline."""
+    call = guard.open(method, deadline_of(context))
+    context.set_trailing_metadata(((REQUEST_ID_HEADER, call.request_id),))
+    return call
+
+
+def _admit(guard: Guard, call: Call, request: Any, context: grpc.aio.ServicerContext, admin: bool) -> None:
+    call.principal = guard.admit(context.invocation_metadata(), admin)
+    check_decoded(request)
+
+
+async def _abort(guard: Guard, context: grpc.aio.ServicerContext, call: Call, error: Exception) -> None:
+    public = guard.fail(call, error)
+    await context.abort(status_code(public), public.message)
+
+
+def _unary(guard: Guard, method: str, behavior: Callable[[], Callable], admin: bool) -> Callable:
     async def handler(request: Any, context: grpc.aio.ServicerContext) -> Any:
-        call = Call(uuid.uuid4().hex[:16], method, ANONYMOUS)
+        call = _open(guard, method, context)
         try:
-            call.principal = gate.admit(request, context, admin)
-            return await behavior()(request, context, call)
+            _admit(guard, call, request, context, admin)
+            return await behavior()(request, call)
         except asyncio.CancelledError:
-            _count_error(gate, _cancel_code(context))
+            guard.cancelled(call, _deadline_passed(call))
             raise
         except Exception as error:  # noqa: BLE001 - the error boundary
-            await _fail(gate, context, call, error)
+            await _abort(guard, context, call, error)
 
     return handler
 
 
-def _stream(gate: Gate, method: str, behavior: Callable[[], Callable], admin: bool) -> Callable:
+def _stream(guard: Guard, method: str, behavior: Callable[[], Callable], admin: bool) -> Callable:
     async def handler(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-        call = Call(uuid.uuid4().hex[:16], method, ANONYMOUS)
+        call = _open(guard, method, context)
         try:
-            call.principal = gate.admit(request, context, admin)
-            async for item in behavior()(request, context, call):
+            _admit(guard, call, request, context, admin)
+            async for item in behavior()(request, call):
                 yield item
         except asyncio.CancelledError:
-            _count_error(gate, _cancel_code(context))
+            guard.cancelled(call, _deadline_passed(call))
             raise
         except Exception as error:  # noqa: BLE001 - the error boundary
-            await _fail(gate, context, call, error)
+            await _abort(guard, context, call, error)
 
     return handler
 
 
 def service_handler(
-    service_name: str, servicer: Callable[[], Any], gate: Gate, admin: bool = False
+    service_name: str, servicer: Callable[[], Any], guard: Guard, admin: bool = False
 ) -> grpc.GenericRpcHandler:
     """A generic handler for every method of `loraserve.v1.<service_name>`.
 
     `servicer()` returns the object implementing the methods; it is looked up per call
-    because the services exist only once the model is loaded (the gate refuses calls before).
+    because the services exist only once the model is loaded (the guard refuses calls before).
     """
     service = pb2.DESCRIPTOR.services_by_name[service_name]
     handlers = {}
@@ -167,16 +128,15 @@ def service_handler(
             return getattr(servicer(), name)
 
         full = f"/{service.full_name}/{method.name}"
-        if method.server_streaming:
-            handlers[method.name] = grpc.unary_stream_rpc_method_handler(
-                _stream(gate, full, behavior, admin),
-                request_deserializer=safe_deserializer(request_class),
-                response_serializer=response_class.SerializeToString,
-            )
-        else:
-            handlers[method.name] = grpc.unary_unary_rpc_method_handler(
-                _unary(gate, full, behavior, admin),
-                request_deserializer=safe_deserializer(request_class),
-                response_serializer=response_class.SerializeToString,
-            )
+        wrap = _stream if method.server_streaming else _unary
+        make = (
+            grpc.unary_stream_rpc_method_handler
+            if method.server_streaming
+            else grpc.unary_unary_rpc_method_handler
+        )
+        handlers[method.name] = make(
+            wrap(guard, full, behavior, admin),
+            request_deserializer=safe_deserializer(request_class),
+            response_serializer=response_class.SerializeToString,
+        )
     return grpc.method_handlers_generic_handler(service.full_name, handlers)

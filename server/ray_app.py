@@ -7,8 +7,15 @@ replica that already holds that adapter, so adapters stay where they are used in
 replica loading every adapter. `max_num_models_per_replica` (from config: the device slots) is
 the routing budget; the replica's own tiers bound its memory as in `loraserve serve`.
 
-The replica that answered is named in the trailing metadata `x-loraserve-replica`. Errors keep
-their status codes (DESIGN.md). Ray's proxy has no grpc.health.v1: use Ray's own health check.
+Each replica is one more host of the same pieces as `loraserve serve`: an engine and its services
+(loraserve.wiring), the gRPC servicers (loraserve.service) and the shared guard (loraserve.guard)
+for admission, API keys and error reporting; only the transport glue below is Ray's.
+
+The replica that answered is named in the trailing metadata `x-loraserve-replica`, the request
+id in `x-request-id`. Errors keep their status codes (docs/api.md). Ray's proxy has no
+grpc.health.v1: use Ray's own health check. Ray's gRPC proxy listens on every interface
+(`[::]:port`) whatever `--host` says, so serve-ray without API keys needs
+`--allow-unauthenticated-remote` (checked by `start`).
 """
 
 from __future__ import annotations
@@ -20,11 +27,9 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-import grpc
-
-from loraserve.config import ServerConfig
-from loraserve.errors import InternalError, ServeError
-from loraserve.handlers import Call, Undecodable
+from loraserve.config import ConfigError, ServerConfig
+from loraserve.guard import SERVING, Guard
+from loraserve.handlers import REQUEST_ID_HEADER, check_decoded, status_code
 from loraserve.ids import BASE
 
 log = logging.getLogger(__name__)
@@ -35,28 +40,6 @@ SERVICER_FUNCTIONS = [
     "loraserve_client.api.loraserve_pb2_grpc.add_InferenceServicer_to_server",
     "loraserve_client.api.loraserve_pb2_grpc.add_AdapterAdminServicer_to_server",
 ]
-
-
-class _RayContext:
-    """The little of a grpc.aio context our services use, over Ray's gRPC context."""
-
-    def __init__(self, grpc_context: Any) -> None:
-        self._context = grpc_context
-
-    def time_remaining(self) -> float | None:
-        return None  # Ray's proxy enforces the request timeout (gRPCOptions.request_timeout_s)
-
-    def invocation_metadata(self) -> list[tuple[str, str]]:
-        return list(self._context.invocation_metadata())
-
-
-def _fail(grpc_context: Any, call: Call, error: BaseException) -> None:
-    """Sets the status code of a failed call on Ray's context (the caller re-raises)."""
-    if not isinstance(error, ServeError) or isinstance(error, InternalError):
-        log.error("request %s (%s) failed: %s", call.request_id, call.method, error)
-        error = InternalError(f"internal error while serving the request (request id {call.request_id})")
-    grpc_context.set_code(getattr(grpc.StatusCode, error.code))
-    grpc_context.set_details(error.message)
 
 
 def make_deployment(config: ServerConfig, replicas: int, num_cpus: float, num_gpus: float) -> Any:
@@ -72,37 +55,23 @@ def make_deployment(config: ServerConfig, replicas: int, num_cpus: float, num_gp
     )
     class LoraserveReplica:
         def __init__(self, config_json: str) -> None:
-            from loraserve.auth import ANONYMOUS, KeyRing
-            from loraserve.engine.engine import Engine, EngineConfig
+            from loraserve.auth import KeyRing
+            from loraserve.engine.engine import Engine
             from loraserve.logs import setup_logging
             from loraserve.metrics import Metrics
-            from loraserve.model_loader import load_base_model
-            from loraserve.service import AdapterAdminService, InferenceService
-            from loraserve.validation import Limits
+            from loraserve.service import grpc_services
+            from loraserve.wiring import Services, engine_parts
 
             self.config = ServerConfig.model_validate_json(config_json)
-            setup_logging(self.config.log_level, self.config.log_format)
-            self.metrics = Metrics(self.config.metrics_max_adapter_labels)
-            self.metrics_port = self._serve_metrics()
             cfg = self.config
-
-            def build() -> tuple[Any, EngineConfig]:
-                loaded = load_base_model(
-                    cfg.model,
-                    cfg.quantization,
-                    cfg.device,
-                    cfg.compute_dtype,
-                    cfg.double_quant,
-                    cfg.max_context_length,
-                )
-                return loaded, EngineConfig.from_server_config(cfg)
-
-            self.engine = Engine.spawn(build, self.metrics, cfg.warmup).result()
-            limits = Limits.from_config(cfg, self.engine.loaded.max_context_length)
-            self.inference = InferenceService(self.engine.loaded, self.engine, limits, self.metrics, cfg)
-            self.admin = AdapterAdminService(self.engine)
-            self.keyring = KeyRing.from_file(cfg.api_keys_file) if cfg.api_keys_file else None
-            self.anonymous = ANONYMOUS
+            setup_logging(cfg.log_level, cfg.log_format)
+            self.metrics = Metrics(cfg.metrics_max_adapter_labels)
+            self.metrics_port = self._serve_metrics()
+            self.engine = Engine.spawn(engine_parts(cfg), self.metrics, cfg.warmup).result()
+            self.services = Services.build(cfg, self.engine, self.metrics)
+            self.inference, self.admin = grpc_services(self.services)
+            keyring = KeyRing.from_file(cfg.api_keys_file) if cfg.api_keys_file else None
+            self.guard = Guard(keyring, self.metrics, phase=SERVING)
             self.replica_id = serve.get_replica_context().replica_id.unique_id
             log.info(
                 "replica %s ready (pid %d, metrics port %s)", self.replica_id, os.getpid(), self.metrics_port
@@ -124,45 +93,58 @@ def make_deployment(config: ServerConfig, replicas: int, num_cpus: float, num_gp
         async def hold_adapter(self, adapter_id: str) -> str:
             """Ray's multiplexing hook: puts the adapter in a device slot of this replica."""
             if adapter_id != BASE_MODEL_ID:
-                future, _ = self.admin.adapters.load(adapter_id)
-                await asyncio.wrap_future(future)
+                await self.services.admin.load(adapter_id)
             return adapter_id
 
-        def _call(self, request: Any, grpc_context: Any, method: str, admin: bool = False) -> Call:
-            call = Call(os.urandom(8).hex(), method, self.anonymous)
-            grpc_context.set_trailing_metadata([(REPLICA_HEADER, self.replica_id)])
-            if isinstance(request, Undecodable):
-                from loraserve.errors import InvalidArgument
+        async def _hold_routed_adapter(self, call: Any) -> None:
+            """Holds the adapter Ray routed by, once checked at the edge like any adapter id."""
+            routed = serve.get_multiplexed_model_id() or BASE_MODEL_ID
+            if routed != BASE_MODEL_ID:
+                Guard.adapter(call, routed)
+            await self.hold_adapter(routed)
 
-                raise InvalidArgument(f"request is not a valid {request.type_name}")
-            if self.keyring is not None:
-                call.principal = self.keyring.authenticate(_RayContext(grpc_context).invocation_metadata())
-            if admin:
-                call.principal.check_admin()
+        def _open(self, name: str, grpc_context: Any) -> Any:
+            call = self.guard.open(name)  # no deadline: Ray's proxy enforces request_timeout_s
+            grpc_context.set_trailing_metadata(
+                [(REPLICA_HEADER, self.replica_id), (REQUEST_ID_HEADER, call.request_id)]
+            )
             return call
+
+        def _admit(self, call: Any, request: Any, grpc_context: Any, admin: bool) -> None:
+            call.principal = self.guard.admit(grpc_context.invocation_metadata(), admin)
+            check_decoded(request)
+
+        def _report(self, grpc_context: Any, call: Any, error: BaseException) -> None:
+            """Sets the status of a failed call on Ray's context (the caller re-raises)."""
+            if isinstance(error, asyncio.CancelledError):
+                self.guard.cancelled(call, deadline_passed=False)
+                return
+            public = self.guard.fail(call, error)
+            grpc_context.set_code(status_code(public))
+            grpc_context.set_details(public.message)
 
         async def _unary(
             self, name: str, service: Any, request: Any, grpc_context: Any, admin: bool = False
         ) -> Any:
-            call = Call("-", name, self.anonymous)
+            call = self._open(name, grpc_context)
             try:
-                call = self._call(request, grpc_context, name, admin)
+                self._admit(call, request, grpc_context, admin)
                 if not admin:
-                    await self.hold_adapter(serve.get_multiplexed_model_id() or BASE_MODEL_ID)
-                return await getattr(service, name)(request, _RayContext(grpc_context), call)
+                    await self._hold_routed_adapter(call)
+                return await getattr(service, name)(request, call)
             except BaseException as error:
-                _fail(grpc_context, call, error)
+                self._report(grpc_context, call, error)
                 raise
 
         async def _stream(self, name: str, request: Any, grpc_context: Any) -> AsyncIterator[Any]:
-            call = Call("-", name, self.anonymous)
+            call = self._open(name, grpc_context)
             try:
-                call = self._call(request, grpc_context, name)
-                await self.hold_adapter(serve.get_multiplexed_model_id() or BASE_MODEL_ID)
-                async for message in getattr(self.inference, name)(request, _RayContext(grpc_context), call):
+                self._admit(call, request, grpc_context, False)
+                await self._hold_routed_adapter(call)
+                async for message in getattr(self.inference, name)(request, call):
                     yield message
             except BaseException as error:
-                _fail(grpc_context, call, error)
+                self._report(grpc_context, call, error)
                 raise
 
         # --- loraserve.v1.Inference
@@ -210,25 +192,44 @@ def build_app(config: ServerConfig, replicas: int = 2, num_cpus: float = 1.0, nu
     return deployment.bind(config.model_dump_json())
 
 
+def check_exposure(config: ServerConfig) -> None:
+    """Ray's gRPC proxy binds every interface, so without API keys serving must be an explicit choice."""
+    if config.api_keys_file is None and not config.allow_unauthenticated_remote:
+        raise ConfigError(
+            f"serve-ray: Ray Serve's gRPC proxy listens on every interface ([::]:{config.port}) whatever "
+            "--host says, and no --api-keys-file is set; set --api-keys-file, or "
+            "--allow-unauthenticated-remote on a private network"
+        )
+
+
+def ray_init_options(config: ServerConfig, address: str | None) -> dict[str, Any]:
+    """`ray.init` arguments: join `address`, or start a local instance on the configured ports."""
+    if address:
+        return {"address": address, "log_to_driver": False}
+    options: dict[str, Any] = {"log_to_driver": False, "include_dashboard": bool(config.ray_dashboard_port)}
+    if config.ray_dashboard_port:
+        options["dashboard_port"] = config.ray_dashboard_port
+    if config.ray_metrics_export_port:
+        options["_metrics_export_port"] = config.ray_metrics_export_port
+    return options
+
+
 def start(
     config: ServerConfig,
     replicas: int,
     address: str | None,
     num_cpus: float,
     num_gpus: float,
-    http_port: int = 8000,
 ) -> None:
     """Connects to (or starts) Ray, starts Serve's gRPC proxy on config.port and deploys the app."""
+    check_exposure(config)
     import ray
     from ray import serve
     from ray.serve.config import HTTPOptions, gRPCOptions
 
-    if address:
-        ray.init(address=address, log_to_driver=False)
-    else:
-        ray.init(include_dashboard=False, log_to_driver=False)
+    ray.init(**ray_init_options(config, address))
     serve.start(
-        http_options=HTTPOptions(host=config.host, port=http_port),
+        http_options=HTTPOptions(host=config.ray_http_host, port=config.ray_http_port),
         grpc_options=gRPCOptions(port=config.port, grpc_servicer_functions=SERVICER_FUNCTIONS),
     )
     # A route prefix makes the app an ingress of the proxies (gRPC routing uses the app name).
@@ -249,16 +250,20 @@ def run_forever(
     """`loraserve serve-ray`: deploy, then wait for SIGTERM/SIGINT and tear everything down."""
     import signal
 
+    check_exposure(config)
     try:  # Ray's own SIGTERM handler (sys.exit) covers the start; ours takes over once deployed
         start(config, replicas, address, num_cpus, num_gpus)
         stopping = []
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: stopping.append(True))
         log.info(
-            "loraserve on Ray Serve: %d replicas, gRPC proxy on port %d (application %r)",
+            "loraserve on Ray Serve: %d replicas, gRPC proxy on port %d of every interface (application "
+            "%r); Ray Serve's HTTP proxy on %s:%d",
             replicas,
             config.port,
             APP_NAME,
+            config.ray_http_host,
+            config.ray_http_port,
         )
         while not stopping:
             time.sleep(0.5)

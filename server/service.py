@@ -1,37 +1,25 @@
-"""The gRPC services: `Inference` (generate, chat, tokenize, model info) and `AdapterAdmin`.
+"""The `loraserve.v1` services as thin gRPC front ends over the generation core and the admin verbs.
 
-Methods validate their request into plain values (server.validation), hand generation to the
-engine, and stream its outputs back. They raise ServeError subclasses; server.handlers maps
-them to status codes. A client that cancels, or whose deadline passes, is dropped from the
-engine's batch at its next step.
+Each method reads its protobuf request into plain values (checked by loraserve.validation, the
+adapter id and the caller's right to it by the guard), calls loraserve.generation or
+loraserve.admin, and writes the result back as protobuf. Errors are ServeErrors raised on the
+way; the front end's error boundary (loraserve.handlers for `loraserve serve`, loraserve.ray_app
+for Ray Serve) reports them. Nothing here touches a gRPC context.
 """
 
 from __future__ import annotations
 
-import asyncio
-import time
 from collections.abc import AsyncIterator
-from dataclasses import replace
 from typing import Any
 
-import grpc
-
-from loraserve.engine.engine import Engine
-from loraserve.engine.sequence import FinishReason, GenerationRequest, SequenceOutput
-from loraserve.errors import InvalidArgument, ResourceExhausted, ServeError
-from loraserve.handlers import Call
-from loraserve.logs import log_request
-from loraserve.model_loader import LoadedModel
-from loraserve.validation import (
-    Limits,
-    check_adapter_id,
-    check_messages,
-    check_prompt_text,
-    check_prompt_tokens,
-    check_sampling,
-    check_stopping,
-    render_chat,
-)
+from loraserve.admin import AdapterAdmin
+from loraserve.engine.sequence import FinishReason
+from loraserve.errors import InvalidArgument
+from loraserve.generation import Completion, FinalRecord, GenerationCore, GenerationInput
+from loraserve.guard import Call, Guard
+from loraserve.ids import validate_adapter_id
+from loraserve.validation import StoppingSpec, check_messages, check_sampling
+from loraserve.wiring import Services
 from loraserve_client.api import loraserve_pb2 as pb2
 
 FINISH_REASONS = {
@@ -45,277 +33,171 @@ ADAPTER_STATES = {
     "host": pb2.ADAPTER_STATE_HOST,
     "device": pb2.ADAPTER_STATE_DEVICE,
 }
-# Prompts longer than this are tokenized off the event loop.
-INLINE_TOKENIZE_CHARS = 8192
-ADMIN_LOAD_TIMEOUT_SECONDS = 120.0
-DEADLINE_GRACE_SECONDS = 1.0
 
 
-def usage(out: SequenceOutput) -> pb2.Usage:
+def stopping_spec(request: Any) -> StoppingSpec:
+    if not request.HasField("stopping"):
+        return StoppingSpec()
+    stopping = request.stopping
+    return StoppingSpec(
+        max_new_tokens=stopping.max_new_tokens,
+        stop_sequences=tuple(stopping.stop_sequences),
+        max_time_seconds=stopping.max_time_seconds,
+        ignore_eos=stopping.ignore_eos,
+    )
+
+
+def usage(final: FinalRecord) -> pb2.Usage:
     return pb2.Usage(
-        prompt_tokens=out.prompt_tokens,
-        completion_tokens=out.completion_tokens,
-        total_tokens=out.prompt_tokens + out.completion_tokens,
+        prompt_tokens=final.usage.prompt_tokens,
+        completion_tokens=final.usage.completion_tokens,
+        total_tokens=final.usage.total_tokens,
+    )
+
+
+def response(completion: Completion, request_id: str) -> pb2.GenerateResponse:
+    return pb2.GenerateResponse(
+        text=completion.text,
+        token_ids=completion.token_ids,
+        finish_reason=FINISH_REASONS[completion.final.finish_reason],
+        usage=usage(completion.final),
+        request_id=request_id,
     )
 
 
 class InferenceService:
-    def __init__(
-        self, loaded: LoadedModel, engine: Engine, limits: Limits, metrics: Any, config: Any
-    ) -> None:
-        self.loaded = loaded
-        self.tokenizer = loaded.tokenizer
-        self.engine = engine
-        self.limits = limits
-        self.metrics = metrics
-        self.config = config
+    """`loraserve.v1.Inference` over the generation core."""
 
-    # ------------------------------------------------------------------ request preparation
-    async def _encode(self, text: str) -> list[int]:
-        if len(text) <= INLINE_TOKENIZE_CHARS:
-            return self.tokenizer(text)["input_ids"]
-        return await asyncio.to_thread(lambda: self.tokenizer(text)["input_ids"])
+    def __init__(self, core: GenerationCore) -> None:
+        self.core = core
+        self.limits = core.limits
 
-    async def _prompt_ids(self, request: Any) -> tuple[list[int], str]:
-        if isinstance(request, pb2.ChatRequest):
-            messages = check_messages(request.messages, self.limits)
-            ids = await asyncio.to_thread(render_chat, self.tokenizer, messages)
-            check_prompt_tokens(ids, self.limits, "messages")
-            return ids, messages[-1]["content"]
-        check_prompt_text(request.prompt, self.limits)
-        ids = await self._encode(request.prompt)
-        check_prompt_tokens(ids, self.limits)
-        return ids, request.prompt
-
-    async def _generation(
-        self, request: Any, context: grpc.aio.ServicerContext, call: Call
-    ) -> tuple[GenerationRequest, str]:
-        arrival = time.monotonic()
-        adapter_id = check_adapter_id(request.adapter_id)
-        call.principal.check_adapter(adapter_id)
+    def _input(self, request: Any, call: Call) -> GenerationInput:
+        adapter_id = Guard.adapter(call, request.adapter_id)
         sampling = check_sampling(request.sampling, request.HasField("sampling"))
-        prompt_ids, prompt_text = await self._prompt_ids(request)
-        stopping = check_stopping(
-            request.stopping, request.HasField("stopping"), len(prompt_ids), self.limits
-        )
-        # The client's deadline cancels the call (and the request, at the engine's next step);
-        # the engine's own time limit is only a backstop a little later, so that the client sees
-        # DEADLINE_EXCEEDED rather than a race with a TIME_LIMIT answer.
-        remaining = context.time_remaining()
-        if remaining is not None and remaining + DEADLINE_GRACE_SECONDS < stopping.max_time_seconds:
-            stopping = replace(stopping, max_time_seconds=max(remaining, 0.0) + DEADLINE_GRACE_SECONDS)
-        generation = GenerationRequest(
+        chat = isinstance(request, pb2.ChatRequest)
+        return GenerationInput(
             request_id=call.request_id,
-            prompt_ids=prompt_ids,
-            sampling=sampling,
-            stopping=stopping,
             adapter_id=adapter_id,
+            prompt=None if chat else request.prompt,
+            messages=check_messages(request.messages, self.limits) if chat else (),
+            sampling=sampling,
+            stopping=stopping_spec(request),
             tenant=call.principal.tenant,
-            arrival=arrival,
-        )
-        return generation, prompt_text
-
-    # ------------------------------------------------------------------ generation
-    async def _run(
-        self, generation: GenerationRequest, prompt_text: str, call: Call
-    ) -> AsyncIterator[SequenceOutput]:
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[SequenceOutput] = asyncio.Queue()
-
-        def sink(output: SequenceOutput) -> None:
-            loop.call_soon_threadsafe(queue.put_nowait, output)
-
-        seq = self.engine.submit(generation, sink)
-        label = self.metrics.adapter_labels.observe(generation.adapter_id)
-        self.metrics.adapter_requests.labels(label).inc()
-        done = False
-        texts: list[str] = []
-        try:
-            while True:
-                output = await queue.get()
-                if output.error is not None:
-                    done = True
-                    raise output.error if isinstance(output.error, ServeError) else RuntimeError(output.error)
-                texts.append(output.text)
-                if output.done:
-                    done = True
-                    self._record(generation, output, label, call, prompt_text, "".join(texts))
-                yield output
-                if output.done:
-                    return
-        finally:
-            if not done:
-                self.engine.abort(seq)
-
-    def _record(
-        self,
-        generation: GenerationRequest,
-        out: SequenceOutput,
-        label: str,
-        call: Call,
-        prompt_text: str,
-        output_text: str,
-    ) -> None:
-        m = self.metrics
-        reason = out.finish_reason.value
-        m.requests.labels(reason, label).inc()
-        m.prompt_tokens.labels(label).inc(out.prompt_tokens)
-        m.generation_tokens.labels(label).inc(out.completion_tokens)
-        m.request_duration.observe(out.finished - out.arrival)
-        queue_time = (out.first_scheduled or out.finished) - out.arrival
-        m.request_queue_time.observe(queue_time)
-        ttft = None if out.first_token is None else out.first_token - out.arrival
-        if ttft is not None:
-            m.time_to_first_token.observe(ttft)
-        log_request(
-            {
-                "request_id": call.request_id,
-                "method": call.method.rsplit("/", 1)[-1],
-                "tenant": generation.tenant or "-",
-                "adapter": generation.adapter_id or "-",
-                "prompt_tokens": out.prompt_tokens,
-                "output_tokens": out.completion_tokens,
-                "queue_ms": round(queue_time * 1e3, 1),
-                "ttft_ms": None if ttft is None else round(ttft * 1e3, 1),
-                "total_ms": round((out.finished - out.arrival) * 1e3, 1),
-                "finish_reason": reason,
-                "preemptions": out.preemptions,
-            },
-            prompt=prompt_text,
-            output=output_text,
-            log_prompts=self.config.log_prompts,
+            deadline=call.deadline,
+            method=call.method.rsplit("/", 1)[-1],
         )
 
-    async def _complete(
-        self, request: Any, context: grpc.aio.ServicerContext, call: Call
-    ) -> pb2.GenerateResponse:
-        generation, prompt_text = await self._generation(request, context, call)
-        texts: list[str] = []
-        token_ids: list[int] = []
-        last: SequenceOutput | None = None
-        async for output in self._run(generation, prompt_text, call):
-            texts.append(output.text)
-            token_ids.extend(output.token_ids)
-            last = output
-        return pb2.GenerateResponse(
-            text="".join(texts),
-            token_ids=token_ids,
-            finish_reason=FINISH_REASONS[last.finish_reason],
-            usage=usage(last),
-            request_id=call.request_id,
-        )
+    async def _complete(self, request: Any, call: Call) -> pb2.GenerateResponse:
+        return response(await self.core.complete(self._input(request, call)), call.request_id)
 
-    async def _stream(
-        self, request: Any, context: grpc.aio.ServicerContext, call: Call
-    ) -> AsyncIterator[Any]:
-        generation, prompt_text = await self._generation(request, context, call)
-        async for output in self._run(generation, prompt_text, call):
+    async def _stream(self, request: Any, call: Call) -> AsyncIterator[pb2.GenerateStreamResponse]:
+        async for delta in self.core.stream(self._input(request, call)):
             message = pb2.GenerateStreamResponse(
-                text=output.text, token_ids=output.token_ids, request_id=call.request_id
+                text=delta.text, token_ids=delta.token_ids, request_id=call.request_id
             )
-            if output.done:
-                message.finish_reason = FINISH_REASONS[output.finish_reason]
-                message.usage.CopyFrom(usage(output))
+            if delta.final is not None:
+                message.finish_reason = FINISH_REASONS[delta.final.finish_reason]
+                message.usage.CopyFrom(usage(delta.final))
             yield message
 
-    async def Generate(self, request: pb2.GenerateRequest, context: Any, call: Call) -> pb2.GenerateResponse:
-        return await self._complete(request, context, call)
+    async def Generate(self, request: pb2.GenerateRequest, call: Call) -> pb2.GenerateResponse:
+        return await self._complete(request, call)
 
-    async def Chat(self, request: pb2.ChatRequest, context: Any, call: Call) -> pb2.GenerateResponse:
-        return await self._complete(request, context, call)
+    async def Chat(self, request: pb2.ChatRequest, call: Call) -> pb2.GenerateResponse:
+        return await self._complete(request, call)
 
     async def GenerateStream(
-        self, request: pb2.GenerateRequest, context: Any, call: Call
-    ) -> AsyncIterator[Any]:
-        async for message in self._stream(request, context, call):
+        self, request: pb2.GenerateRequest, call: Call
+    ) -> AsyncIterator[pb2.GenerateStreamResponse]:
+        async for message in self._stream(request, call):
             yield message
 
-    async def ChatStream(self, request: pb2.ChatRequest, context: Any, call: Call) -> AsyncIterator[Any]:
-        async for message in self._stream(request, context, call):
+    async def ChatStream(
+        self, request: pb2.ChatRequest, call: Call
+    ) -> AsyncIterator[pb2.GenerateStreamResponse]:
+        async for message in self._stream(request, call):
             yield message
 
-    # ------------------------------------------------------------------ other
-    async def Tokenize(self, request: pb2.TokenizeRequest, context: Any, call: Call) -> pb2.TokenizeResponse:
+    async def Tokenize(self, request: pb2.TokenizeRequest, call: Call) -> pb2.TokenizeResponse:
         if len(request.messages):
-            ids = await asyncio.to_thread(
-                render_chat, self.tokenizer, check_messages(request.messages, self.limits)
-            )
+            ids = await self.core.tokenize(messages=check_messages(request.messages, self.limits))
         else:
-            check_prompt_text(request.prompt, self.limits)
-            ids = await self._encode(request.prompt)
-        return pb2.TokenizeResponse(token_ids=ids, tokens=self.tokenizer.convert_ids_to_tokens(ids))
+            ids = await self.core.tokenize(prompt=request.prompt)
+        return pb2.TokenizeResponse(token_ids=ids, tokens=self.core.tokens(ids))
 
-    async def ModelInfo(
-        self, request: pb2.ModelInfoRequest, context: Any, call: Call
-    ) -> pb2.ModelInfoResponse:
-        from loraserve import __version__
-
-        loaded = self.loaded
+    async def ModelInfo(self, request: pb2.ModelInfoRequest, call: Call) -> pb2.ModelInfoResponse:
+        d = self.core.describe_model()
         return pb2.ModelInfoResponse(
-            model=loaded.name,
-            architecture=loaded.architecture,
-            quantization=loaded.quantization,
-            compute_dtype=loaded.dtype_name,
-            device=str(loaded.device),
-            max_context_length=loaded.max_context_length,
-            vocab_size=len(self.tokenizer),
-            max_lora_rank=self.engine.slots.max_rank,
-            max_loaded_adapters=self.engine.slots.num_slots,
-            lora_target_modules=self.engine.slots.target_leaves,
-            server_version=__version__,
-            model_bytes=loaded.model_bytes,
+            model=d.model,
+            architecture=d.architecture,
+            quantization=d.quantization,
+            compute_dtype=d.compute_dtype,
+            device=d.device,
+            max_context_length=d.max_context_length,
+            vocab_size=d.vocab_size,
+            max_lora_rank=d.max_lora_rank,
+            max_loaded_adapters=d.max_loaded_adapters,
+            lora_target_modules=d.lora_target_modules,
+            server_version=d.server_version,
+            model_bytes=d.model_bytes,
         )
 
 
-def adapter_info(row: dict) -> pb2.AdapterInfo:
+def _field(row: Any, name: str) -> Any:
+    """A field of an adapter description row: a dict today, a typed row (attributes) later."""
+    return row[name] if isinstance(row, dict) else getattr(row, name)
+
+
+def adapter_info(row: Any) -> pb2.AdapterInfo:
     return pb2.AdapterInfo(
-        adapter_id=row["adapter_id"],
-        state=ADAPTER_STATES[row["tier"]],
-        rank=row["rank"],
-        target_modules=row["targets"],
-        bytes=row["bytes"],
-        in_flight_requests=row["in_flight"],
-        pinned=row["pinned"],
-        draining=row["draining"],
-        last_used_unix_seconds=row["last_used"],
-        slot=row["slot"],
+        adapter_id=_field(row, "adapter_id"),
+        state=ADAPTER_STATES[_field(row, "tier")],
+        rank=_field(row, "rank"),
+        target_modules=list(_field(row, "targets")),
+        bytes=_field(row, "bytes"),
+        in_flight_requests=_field(row, "in_flight"),
+        pinned=_field(row, "pinned"),
+        draining=_field(row, "draining"),
+        last_used_unix_seconds=_field(row, "last_used"),
+        slot=_field(row, "slot"),
     )
 
 
+def admin_adapter_id(adapter_id: str) -> str:
+    """The edge check of an admin call's adapter id (the base model is not an adapter here)."""
+    if not adapter_id:
+        raise InvalidArgument("adapter_id is empty")
+    try:
+        return validate_adapter_id(adapter_id)
+    except InvalidArgument as error:
+        raise InvalidArgument(f"adapter_id: {error.message}") from None
+
+
 class AdapterAdminService:
-    def __init__(self, engine: Engine) -> None:
-        self.adapters = engine.adapters
+    """`loraserve.v1.AdapterAdmin` over the admin verbs (the guard has checked the admin right)."""
 
-    def _info(self, adapter_id: str) -> pb2.AdapterInfo:
-        return adapter_info(self.adapters.describe_one(adapter_id))
+    def __init__(self, admin: AdapterAdmin) -> None:
+        self.admin = admin
+        self.adapters = admin.adapters
 
-    async def LoadAdapter(
-        self, request: pb2.LoadAdapterRequest, context: Any, call: Call
-    ) -> pb2.LoadAdapterResponse:
-        if not request.adapter_id:
-            raise InvalidArgument("adapter_id is empty")
-        adapter_id = check_adapter_id(request.adapter_id)
-        started = time.perf_counter()
-        future, reloaded = self.adapters.load(adapter_id, request.pin)
-        try:
-            await asyncio.wait_for(asyncio.wrap_future(future), ADMIN_LOAD_TIMEOUT_SECONDS)
-        except TimeoutError:
-            raise ResourceExhausted(
-                f"adapter {adapter_id!r} is in host memory but no device slot became free within "
-                f"{ADMIN_LOAD_TIMEOUT_SECONDS:g} s (all slots busy or pinned)"
-            ) from None
+    async def LoadAdapter(self, request: pb2.LoadAdapterRequest, call: Call) -> pb2.LoadAdapterResponse:
+        outcome = await self.admin.load(admin_adapter_id(request.adapter_id), request.pin)
         return pb2.LoadAdapterResponse(
-            adapter=self._info(adapter_id),
-            reloaded=reloaded,
-            load_seconds=time.perf_counter() - started,
+            adapter=adapter_info(outcome.adapter),
+            reloaded=outcome.reloaded,
+            load_seconds=outcome.load_seconds,
         )
 
-    async def UnloadAdapter(self, request: pb2.UnloadAdapterRequest, context: Any, call: Call) -> Any:
-        if not request.adapter_id:
-            raise InvalidArgument("adapter_id is empty")
-        entry = self.adapters.unload(check_adapter_id(request.adapter_id))
-        return pb2.UnloadAdapterResponse(adapter=self._info(entry.adapter_id))
+    async def UnloadAdapter(self, request: pb2.UnloadAdapterRequest, call: Call) -> pb2.UnloadAdapterResponse:
+        row = self.admin.unload(admin_adapter_id(request.adapter_id))
+        return pb2.UnloadAdapterResponse(adapter=adapter_info(row))
 
-    async def ListAdapters(self, request: pb2.ListAdaptersRequest, context: Any, call: Call) -> Any:
-        rows = self.adapters.describe(include_disk=request.include_disk)
+    async def ListAdapters(self, request: pb2.ListAdaptersRequest, call: Call) -> pb2.ListAdaptersResponse:
+        rows = self.admin.list(include_disk=request.include_disk)
         return pb2.ListAdaptersResponse(adapters=[adapter_info(row) for row in rows])
+
+
+def grpc_services(services: Services) -> tuple[InferenceService, AdapterAdminService]:
+    """The two gRPC servicers over one set of services."""
+    return InferenceService(services.core), AdapterAdminService(services.admin)

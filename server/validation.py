@@ -1,12 +1,15 @@
-"""Turns API messages into engine requests, checking every field against the configured limits.
+"""Checks every field of a request against the configured limits, into plain values.
 
-Each refusal is an InvalidArgument whose message starts with the field's name and states
-the limit, e.g. `sampling.top_p must be in (0, 1], got 1.5`.
+Front ends read their wire format into the plain values here (`ChatMessage`, `StoppingSpec`);
+the checks are the same whatever the transport. Each refusal is an InvalidArgument whose
+message starts with the field's name and states the limit, e.g. `sampling.top_p must be in
+(0, 1], got 1.5`.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,10 +20,28 @@ from loraserve.engine.sequence import (
     SamplingParams,
     StoppingCriteria,
 )
-from loraserve.errors import FailedPrecondition, InvalidArgument
+from loraserve.errors import InvalidArgument
 from loraserve.ids import validate_adapter_id
 
 CHAT_ROLES = ("system", "user", "assistant")
+
+
+@dataclass(frozen=True)
+class ChatMessage:
+    """One turn of a conversation."""
+
+    role: str
+    content: str
+
+
+@dataclass(frozen=True)
+class StoppingSpec:
+    """Stopping as the client asked, before the prompt's length is known (0: server default)."""
+
+    max_new_tokens: int = 0
+    stop_sequences: tuple[str, ...] = ()
+    max_time_seconds: float = 0.0
+    ignore_eos: bool = False
 
 
 @dataclass(frozen=True)
@@ -96,35 +117,32 @@ def check_sampling(sampling: Any, present: bool) -> SamplingParams:
     )
 
 
-def check_stopping(stopping: Any, present: bool, prompt_tokens: int, limits: Limits) -> StoppingCriteria:
-    room = limits.max_context_length - prompt_tokens
-    max_new = stopping.max_new_tokens if present else 0
-    stops: tuple[str, ...] = ()
-    max_time = 0.0
-    ignore_eos = False
-    if present:
-        if len(stopping.stop_sequences) > limits.max_stop_sequences:
+def check_stopping(spec: StoppingSpec, prompt_tokens: int, limits: Limits) -> StoppingCriteria:
+    """The engine's stopping criteria: the request's, within the limits and the context left."""
+    if len(spec.stop_sequences) > limits.max_stop_sequences:
+        raise InvalidArgument(
+            f"stopping.stop_sequences has {len(spec.stop_sequences)} entries; the limit is "
+            f"{limits.max_stop_sequences}"
+        )
+    for i, stop in enumerate(spec.stop_sequences):
+        if not stop:
+            raise InvalidArgument(f"stopping.stop_sequences[{i}] is empty")
+        if len(stop) > limits.max_stop_sequence_chars:
             raise InvalidArgument(
-                f"stopping.stop_sequences has {len(stopping.stop_sequences)} entries; the limit is "
-                f"{limits.max_stop_sequences}"
+                f"stopping.stop_sequences[{i}] has {len(stop)} characters; the limit is "
+                f"{limits.max_stop_sequence_chars}"
             )
-        for i, stop in enumerate(stopping.stop_sequences):
-            if not stop:
-                raise InvalidArgument(f"stopping.stop_sequences[{i}] is empty")
-            if len(stop) > limits.max_stop_sequence_chars:
-                raise InvalidArgument(
-                    f"stopping.stop_sequences[{i}] has {len(stop)} characters; the limit is "
-                    f"{limits.max_stop_sequence_chars}"
-                )
-        stops = tuple(stopping.stop_sequences)
-        max_time = stopping.max_time_seconds
-        if not math.isfinite(max_time) or max_time < 0 or max_time > limits.max_request_seconds:
-            raise InvalidArgument(
-                f"stopping.max_time_seconds must be in [0, {limits.max_request_seconds:g}] "
-                f"(0: server default), got {max_time}"
-            )
-        ignore_eos = stopping.ignore_eos
+    max_time = spec.max_time_seconds
+    if not math.isfinite(max_time) or max_time < 0 or max_time > limits.max_request_seconds:
+        raise InvalidArgument(
+            f"stopping.max_time_seconds must be in [0, {limits.max_request_seconds:g}] "
+            f"(0: server default), got {max_time}"
+        )
+    max_new = spec.max_new_tokens
+    if max_new < 0:
+        raise InvalidArgument(f"stopping.max_new_tokens must be >= 0 (0: server default), got {max_new}")
     if max_new == 0:
+        room = limits.max_context_length - prompt_tokens
         max_new = max(1, min(limits.default_max_new_tokens, room))
     elif prompt_tokens + max_new > limits.max_context_length:
         raise InvalidArgument(
@@ -133,8 +151,8 @@ def check_stopping(stopping: Any, present: bool, prompt_tokens: int, limits: Lim
         )
     return StoppingCriteria(
         max_new_tokens=max_new,
-        stop_sequences=stops,
-        ignore_eos=ignore_eos,
+        stop_sequences=tuple(spec.stop_sequences),
+        ignore_eos=spec.ignore_eos,
         max_time_seconds=max_time or limits.max_request_seconds,
     )
 
@@ -160,7 +178,18 @@ def check_prompt_tokens(prompt_ids: list[int], limits: Limits, field: str = "pro
         )
 
 
-def check_messages(messages: Any, limits: Limits) -> list[dict[str, str]]:
+def check_prompt_ids(prompt_ids: Sequence[int], vocab_size: int, limits: Limits) -> list[int]:
+    """A prompt given as token ids: each must be a token of the model's vocabulary."""
+    for i, token in enumerate(prompt_ids):
+        if not 0 <= token < vocab_size:
+            raise InvalidArgument(f"prompt_ids[{i}] = {token} is not a token id (vocabulary of {vocab_size})")
+    ids = list(prompt_ids)
+    check_prompt_tokens(ids, limits, "prompt_ids")
+    return ids
+
+
+def check_messages(messages: Sequence[Any], limits: Limits) -> tuple[ChatMessage, ...]:
+    """Checks a conversation; each message is anything with `role` and `content` strings."""
     if len(messages) == 0:
         raise InvalidArgument("messages is empty")
     if len(messages) > limits.max_messages:
@@ -176,20 +205,7 @@ def check_messages(messages: Any, limits: Limits) -> list[dict[str, str]]:
                 f"messages[{i}].content has {len(message.content)} characters; "
                 f"the limit is {limits.max_prompt_chars}"
             )
-        checked.append({"role": message.role, "content": message.content})
-    if sum(len(m["content"]) for m in checked) > limits.max_prompt_chars:
+        checked.append(ChatMessage(message.role, message.content))
+    if sum(len(m.content) for m in checked) > limits.max_prompt_chars:
         raise InvalidArgument(f"messages hold more than {limits.max_prompt_chars} characters in all")
-    return checked
-
-
-def render_chat(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
-    """Token ids of the conversation with the generation prompt for the assistant's turn."""
-    if not getattr(tokenizer, "chat_template", None):
-        raise FailedPrecondition("the model's tokenizer has no chat template; use Generate with a raw prompt")
-    try:
-        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-    except Exception as error:  # noqa: BLE001 - templates raise their own errors (e.g. role order)
-        raise InvalidArgument(f"messages: the chat template refused them: {error}") from None
-    if isinstance(ids, dict) or hasattr(ids, "input_ids"):
-        ids = ids["input_ids"]
-    return list(ids)
+    return tuple(checked)

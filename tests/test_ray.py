@@ -11,7 +11,7 @@ import pytest
 
 from loraserve import ray_app
 from loraserve.config import ServerConfig
-from loraserve_client import Client
+from loraserve_client import Client, Unavailable
 from loraserve_client.api import loraserve_pb2 as pb2
 from loraserve_client.api import loraserve_pb2_grpc as pb2_grpc
 from loraserve_client.base import ClientOptions
@@ -40,11 +40,23 @@ def ray_target(toy):
         device="cpu",
         max_loaded_adapters=6,
         kv_cache_bytes=2 << 20,
+        allow_unauthenticated_remote=True,  # Ray's gRPC proxy listens on every interface
+        ray_http_port=free_port(),
     )
-    ray_app.start(config, replicas=2, address=None, num_cpus=1, num_gpus=0, http_port=free_port())
+    ray_app.start(config, replicas=2, address=None, num_cpus=1, num_gpus=0)
     target = f"127.0.0.1:{port}"
-    with Client(target, ray_serve=True, retries=20, backoff=0.5, max_backoff=2) as client:
-        client.generate("hello", max_new_tokens=1)
+    # Replicas come up after the proxy, which answers UNAVAILABLE until then: wait for them
+    # (longer than the client's own retries, which gRPC bounds at 4).
+    with Client(target, ray_serve=True, retries=4, backoff=0.5, max_backoff=2) as client:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                client.generate("hello", max_new_tokens=1)
+                break
+            except Unavailable:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(1)
     yield target
     ray_app.stop()
     deadline = time.monotonic() + 30
@@ -68,6 +80,44 @@ def call(target: str, prompt: str, adapter: str) -> tuple[list[int], str]:
 
 def expected(peft_ref, prompt: str, adapter: str) -> list[int]:
     return peft_ref.generate(peft_ref.tokenizer(prompt)["input_ids"], adapter, MAX_NEW)
+
+
+def test_serving_without_keys_is_an_explicit_choice(toy) -> None:
+    from loraserve.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"listens on every interface \(\[::\]:50051\)"):
+        ray_app.check_exposure(ServerConfig(model=str(toy.base)))
+    ray_app.check_exposure(ServerConfig(model=str(toy.base), allow_unauthenticated_remote=True))
+
+
+def test_ray_ports_come_from_the_config(toy) -> None:
+    config = ServerConfig(model=str(toy.base), ray_dashboard_port=8365, ray_metrics_export_port=8366)
+    assert ray_app.ray_init_options(config, None) == {
+        "log_to_driver": False,
+        "include_dashboard": True,
+        "dashboard_port": 8365,
+        "_metrics_export_port": 8366,
+    }
+    assert ray_app.ray_init_options(ServerConfig(model=str(toy.base)), None)["include_dashboard"] is False
+    assert ray_app.ray_init_options(config, "auto") == {"address": "auto", "log_to_driver": False}
+
+
+def test_errors_keep_their_status_and_name_the_request(ray_target) -> None:
+    options = ClientOptions(target=ray_target, ray_serve=True)
+    with grpc.insecure_channel(ray_target) as channel:
+        stub = pb2_grpc.InferenceStub(channel)
+        with pytest.raises(grpc.RpcError) as caught:
+            stub.Generate(pb2.GenerateRequest(prompt=""), metadata=options.call_metadata(""), timeout=60)
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "prompt is empty" in caught.value.details()
+        with pytest.raises(grpc.RpcError) as caught:
+            stub.Generate(
+                pb2.GenerateRequest(prompt="hi", adapter_id="a1"),
+                metadata=options.call_metadata("../etc"),
+                timeout=60,
+            )
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT, caught.value.details()
+        assert "adapter_id" in caught.value.details()
 
 
 def test_outputs_match_peft_and_requests_stick_to_their_replica(ray_target, peft_ref) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import signal
 import subprocess
@@ -15,6 +16,7 @@ import pytest
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
 from loraserve import app as app_module
+from loraserve import model_loader
 from loraserve.config import ServerConfig
 from loraserve_client import Client, Unavailable
 from tests.helpers import free_port
@@ -22,13 +24,13 @@ from tests.helpers import free_port
 
 def test_health_is_not_serving_until_the_model_is_loaded(toy, monkeypatch) -> None:
     gate = threading.Event()
-    real_load = app_module.load_base_model
+    real_load = model_loader.load_base_model
 
     def slow_load(*args, **kwargs):
         gate.wait(30)
         return real_load(*args, **kwargs)
 
-    monkeypatch.setattr(app_module, "load_base_model", slow_load)
+    monkeypatch.setattr(model_loader, "load_base_model", slow_load)
     config = ServerConfig(model=str(toy.base), port=0, metrics_port=0, device="cpu", kv_cache_bytes=2 << 20)
     loop = asyncio.new_event_loop()
     server = app_module.LoraServer(config)
@@ -73,6 +75,7 @@ def _serve(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
         ([], {"LORASERVE_QUANTIZATION": "q2"}, "--quantization:"),
         (["--port", "70000"], {}, "--port:"),
         (["--host", "0.0.0.0"], {}, "not loopback and no api_keys_file"),
+        (["--metrics-host", "0.0.0.0"], {}, "metrics_host 0.0.0.0 is not loopback and no api_keys_file"),
         (["--tls-cert-file", "/no/cert.pem"], {}, "tls_cert_file: file not found"),
         (["--max-loaded-adapters", "0"], {}, "--max-loaded-adapters:"),
     ],
@@ -84,6 +87,42 @@ def test_config_errors_exit_with_one_line(toy, args, env, message) -> None:
     lines = [line for line in run.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("loraserve: error:"), run.stderr
     assert message in lines[0]
+
+
+def test_sigterm_during_start_up_stops_cleanly(toy, monkeypatch, caplog) -> None:
+    loading, release = threading.Event(), threading.Event()
+    real_load = model_loader.load_base_model
+
+    def slow_load(*args, **kwargs):
+        loading.set()
+        release.wait(60)
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(model_loader, "load_base_model", slow_load)
+    config = ServerConfig(model=str(toy.base), port=0, metrics_port=0, device="cpu", kv_cache_bytes=2 << 20)
+    server = app_module.LoraServer(config)
+
+    def terminate_while_loading() -> None:
+        assert loading.wait(60)
+        os.kill(os.getpid(), signal.SIGTERM)  # run() handles it on its loop, like `loraserve serve`
+
+    def engines() -> int:
+        return sum(t.name == "engine" for t in threading.enumerate())
+
+    before = engines()
+    threading.Thread(target=terminate_while_loading, daemon=True).start()
+    try:
+        with caplog.at_level(logging.INFO):
+            assert asyncio.run(server.run()) == 0
+    finally:
+        release.set()
+    assert server.failed is None
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
+    assert "interrupted during start-up" in caplog.text
+    deadline = time.monotonic() + 60  # the engine finished loading after the signal: it is shut down
+    while engines() > before and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert engines() == before
 
 
 def test_flags_override_environment(monkeypatch) -> None:
