@@ -1,6 +1,6 @@
 """The benchmark's model and adapters, built here from a config (seeded) and reused across runs.
 
-The bench model is DESIGN.md's: Llama architecture, vocab 32000, hidden 768, intermediate 2048,
+The bench model: Llama architecture, vocab 32000, hidden 768, intermediate 2048,
 8 layers, 12 heads, 4 KV heads (NF4 when served). Adapters are random rank-r LoRA on the chosen
 modules: the first is made and saved by PEFT itself, the others copy its config and key layout
 with fresh random tensors (PEFT's own saving would take seconds each for a thousand adapters).

@@ -29,7 +29,7 @@ def add_bench_flags(parser: argparse.ArgumentParser) -> None:
         "--model-size",
         choices=["bench", "tiny"],
         default="bench",
-        help="bench: the DESIGN.md bench model; tiny: a toy model for smoke tests",
+        help="bench: the bench model (Llama, hidden 768, 8 layers); tiny: a toy model for smoke tests",
     )
     parser.add_argument(
         "--work-dir",

@@ -1,6 +1,6 @@
 """`loraserve bench` (`python -m loraserve.benchmarks.run`): scenarios, peers in one run, a JSON report.
 
-Scenarios (DESIGN.md's bench model unless --model-size tiny):
+Scenarios (on the bench model of loraserve.benchmarks.models unless --model-size tiny):
 - decode-distinct: C concurrent requests, each on its own rank-16 adapter (C slots), against the
   same engine with no adapters (goal: decode throughput >= 0.85x);
 - poisson: Poisson arrivals, power-law popularity over N adapters, variable lengths, against

@@ -1,4 +1,4 @@
-"""Typed client errors, one per gRPC status code the server uses (DESIGN.md, Status codes)."""
+"""Typed client errors, one per gRPC status code the server uses (docs/api.md, "Status codes")."""
 
 from __future__ import annotations
 
