@@ -164,6 +164,16 @@ def test_swapped_tls_files_are_named(toy, pki, cert, key, message) -> None:
         load_config(model=str(toy.base), tls_cert_file=pki[cert], tls_key_file=pki[key])
 
 
+def test_a_client_ca_that_is_not_a_certificate_is_named(toy, pki) -> None:
+    with pytest.raises(ConfigError, match=r"tls_client_ca_file: .* holds no PEM certificate"):
+        load_config(
+            model=str(toy.base),
+            tls_cert_file=pki["server.pem"],
+            tls_key_file=pki["server.key"],
+            tls_client_ca_file=pki["client.key"],
+        )
+
+
 def test_tls_mismatch_stops_serve_with_one_line(toy, pki) -> None:
     run = subprocess.run(
         [
