@@ -6,7 +6,8 @@ its transport's work around the guard:
     call = guard.open("Generate", deadline)              # request id, deadline
     try:
         call.principal = guard.admit(metadata, admin)    # phase, API key, admin right
-        ...                                              # adapter ids: guard.adapter(call, id)
+        ...                                              # adapter ids: Guard.adapter(call, id),
+                                                         # Guard.admin_adapter(id) for admin calls
     except <the transport's cancellation>:
         guard.cancelled(call, deadline_passed)           # counted, nothing to report
     except Exception as error:
@@ -27,7 +28,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from loraserve.auth import ANONYMOUS, Principal
-from loraserve.errors import InternalError, ServeError, Unavailable
+from loraserve.errors import InternalError, InvalidArgument, ServeError, Unavailable
 from loraserve.validation import check_adapter_id
 
 log = logging.getLogger(__name__)
@@ -78,6 +79,14 @@ class Guard:
         adapter_id = check_adapter_id(adapter_id)
         call.principal.check_adapter(adapter_id)
         return adapter_id
+
+    @staticmethod
+    def admin_adapter(adapter_id: str) -> str:
+        """The edge check of the adapter id an admin call names: required (the base model is not
+        an adapter to load or unload) and well formed."""
+        if not adapter_id:
+            raise InvalidArgument("adapter_id is empty")
+        return check_adapter_id(adapter_id)
 
     def fail(self, call: Call, error: BaseException) -> ServeError:
         """The error to report for a failed call, logged and counted by its code."""

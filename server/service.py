@@ -14,10 +14,8 @@ from typing import Any
 
 from loraserve.admin import AdapterAdmin
 from loraserve.engine.sequence import FinishReason
-from loraserve.errors import InvalidArgument
 from loraserve.generation import Completion, FinalRecord, GenerationCore, GenerationInput
 from loraserve.guard import Call, Guard
-from loraserve.ids import validate_adapter_id
 from loraserve.validation import StoppingSpec, check_messages, check_sampling
 from loraserve.wiring import Services
 from loraserve_client.api import loraserve_pb2 as pb2
@@ -164,16 +162,6 @@ def adapter_info(row: Any) -> pb2.AdapterInfo:
     )
 
 
-def admin_adapter_id(adapter_id: str) -> str:
-    """The edge check of an admin call's adapter id (the base model is not an adapter here)."""
-    if not adapter_id:
-        raise InvalidArgument("adapter_id is empty")
-    try:
-        return validate_adapter_id(adapter_id)
-    except InvalidArgument as error:
-        raise InvalidArgument(f"adapter_id: {error.message}") from None
-
-
 class AdapterAdminService:
     """`loraserve.v1.AdapterAdmin` over the admin verbs (the guard has checked the admin right)."""
 
@@ -182,7 +170,7 @@ class AdapterAdminService:
         self.adapters = admin.adapters
 
     async def LoadAdapter(self, request: pb2.LoadAdapterRequest, call: Call) -> pb2.LoadAdapterResponse:
-        outcome = await self.admin.load(admin_adapter_id(request.adapter_id), request.pin)
+        outcome = await self.admin.load(Guard.admin_adapter(request.adapter_id), request.pin)
         return pb2.LoadAdapterResponse(
             adapter=adapter_info(outcome.adapter),
             reloaded=outcome.reloaded,
@@ -190,7 +178,7 @@ class AdapterAdminService:
         )
 
     async def UnloadAdapter(self, request: pb2.UnloadAdapterRequest, call: Call) -> pb2.UnloadAdapterResponse:
-        row = self.admin.unload(admin_adapter_id(request.adapter_id))
+        row = self.admin.unload(Guard.admin_adapter(request.adapter_id))
         return pb2.UnloadAdapterResponse(adapter=adapter_info(row))
 
     async def ListAdapters(self, request: pb2.ListAdaptersRequest, call: Call) -> pb2.ListAdaptersResponse:

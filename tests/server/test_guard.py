@@ -58,6 +58,11 @@ def test_adapter_ids_are_checked_at_the_edge() -> None:
         Guard.adapter(call, "other")
     with pytest.raises(PermissionDenied, match="base model"):
         Guard.adapter(call, "")
+    assert Guard.admin_adapter("org/a2") == "org/a2"
+    with pytest.raises(InvalidArgument, match="adapter_id is empty"):
+        Guard.admin_adapter("")
+    with pytest.raises(InvalidArgument, match="at most two segments"):
+        Guard.admin_adapter("a/b/c")
 
 
 def test_failures_become_public_errors_and_are_counted(caplog) -> None:
