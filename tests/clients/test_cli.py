@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -104,10 +105,15 @@ def test_client_distribution_installs_alone(server, tmp_path) -> None:
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[2]
+    # pip builds in the source folder: install from a copy, so that no clients/build/ is left behind.
+    source = tmp_path / "clients"
+    shutil.copytree(
+        root / "clients", source, ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__")
+    )
     env_dir = tmp_path / "venv"
     venv.EnvBuilder(with_pip=True).create(env_dir)
     pip = subprocess.run(
-        [str(env_dir / "bin" / "pip"), "install", "-q", str(root / "clients")],
+        [str(env_dir / "bin" / "pip"), "install", "-q", str(source)],
         capture_output=True,
         text=True,
         timeout=600,
