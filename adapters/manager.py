@@ -1,16 +1,20 @@
 """Adapter tiers: device slots <- host-memory LRU <- disk (the store), with pins and drains.
 
 Who calls what:
-- request path (any thread): `acquire(id)` when a request arrives (NOT_FOUND, bad id and
-  known-broken files fail here), `release(entry)` when it ends;
-- engine thread, between steps: `try_place(entry)` puts an adapter in a device slot
-  (evicting the least recently used slot with no running request), `pin`/`unpin` around a
-  sequence's time in the running batch, `housekeeping()` for admin loads waiting on a slot;
-- admin: `load(id, pin)` (a future resolved once on the device), `unload(id)`, `describe()`.
+- request path (any thread, under the engine's lock, no I/O): `acquire(id)` when a request
+  arrives (an unloading adapter fails here), `release(entry)` when it ends;
+- engine thread, between steps: `try_place(entry)` puts an adapter in a device slot (evicting
+  the least recently used slot with no running request; unknown or broken adapters fail here,
+  with a fresh error each time), `pin`/`unpin` around a sequence's time in the running batch,
+  `housekeeping()` for admin loads waiting on a slot;
+- admin: `load(id, pin)` (a future of a LoadResult, resolved once on the device),
+  `unload(id)`, `describe()` / `describe_one(id)` (frozen AdapterInfo rows).
 
-Disk reads and validation run on worker threads, never on the engine's step loop. An
-adapter used by a running sequence is never evicted from its slot; one used by any queued
-or running request is never dropped from host memory.
+The parts, each in its own module: `registry` (entries, their explicit AdapterState, failures
+kept as data), `reader` (every disk access, on worker threads), `host_cache` (the host LRU) and
+`slot_allocator` (who owns which device slot). This module is the one lock around them and the
+state transitions. An adapter used by a running sequence is never evicted from its slot; one
+used by any queued or running request is never dropped from host memory.
 """
 
 from __future__ import annotations
@@ -19,46 +23,27 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from concurrent.futures import Future
 
+from loraserve.adapters.host_cache import HostCache
 from loraserve.adapters.layer import SlotTable
-from loraserve.adapters.store import AdapterFiles, AdapterStore
-from loraserve.adapters.weights import AdapterWeights, read_adapter_weights
-from loraserve.errors import FailedPrecondition, NotFound, ResourceExhausted, ServeError, Unavailable
-from loraserve.ids import validate_adapter_id
+from loraserve.adapters.reader import AdapterReader, ReadOutcome
+from loraserve.adapters.registry import (
+    AdapterEntry,
+    AdapterInfo,
+    AdapterState,
+    Failure,
+    LoadResult,
+    Registry,
+)
+from loraserve.adapters.slot_allocator import SlotAllocator
+from loraserve.adapters.store import AdapterStore, OpenedAdapter
+from loraserve.adapters.weights import ReadLimits, max_abs_weight_for
+from loraserve.errors import NotFound, ResourceExhausted, ServeError, Unavailable
 
 log = logging.getLogger(__name__)
 
-
-@dataclass(eq=False)
-class AdapterEntry:
-    """One version of one adapter in memory (a reload with changed files makes a new entry)."""
-
-    adapter_id: str
-    files: AdapterFiles
-    fingerprint: tuple[int, ...]
-    weights: AdapterWeights | None = None  # host copy
-    slot: int | None = None  # device slot
-    in_flight: int = 0  # requests queued or running on it
-    running: int = 0  # sequences in the running batch: pins the slot
-    admin_pinned: bool = False
-    draining: bool = False
-    retired: bool = False
-    loading: Future | None = None
-    error: ServeError | None = None
-    rank: int = 0
-    targets: list[str] = field(default_factory=list)
-    nbytes: int = 0
-    last_used: float = 0.0  # wall clock, for ListAdapters
-    lru_tick: int = 0  # monotonic use counter, for eviction order
-    placed: list[Future] = field(default_factory=list)  # admin loads waiting for a slot
-
-    @property
-    def tier(self) -> str:
-        if self.slot is not None:
-            return "device"
-        return "host" if self.weights is not None else "disk"
+__all__ = ["AdapterEntry", "AdapterInfo", "AdapterManager", "AdapterState", "LoadResult"]
 
 
 class AdapterManager:
@@ -73,40 +58,47 @@ class AdapterManager:
         base_model_name: str = "",
         metrics: object | None = None,
         wake: Callable[[], None] | None = None,
+        max_adapter_bytes: int = 0,
     ) -> None:
         self.store = store
         self.slots = slots
-        self.max_host_bytes = max_host_bytes
         self.base_model_name = base_model_name
         self.metrics = metrics
         self.wake = wake or (lambda: None)
+        self.limits = ReadLimits(
+            dict(slots.shapes), slots.max_rank, max_adapter_bytes, max_abs_weight_for(slots.dtype)
+        )
+        self.reader = AdapterReader(store, self.limits, workers) if store is not None else None
         self._lock = threading.RLock()
-        self._entries: dict[str, AdapterEntry] = {}
-        self._owners: list[AdapterEntry | None] = [None] * slots.num_slots
-        self._host: dict[AdapterEntry, None] = {}  # insertion order = LRU order
-        self._failed: dict[str, tuple[tuple[int, ...], ServeError]] = {}
+        self._registry = Registry()
+        self._host = HostCache(max_host_bytes)
+        self._slots = SlotAllocator(slots.num_slots)
         self._pending: list[AdapterEntry] = []  # admin loads waiting for a device slot
         self._tick = 0
-        self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="adapter-load")
         self._report()
+
+    @property
+    def max_adapter_bytes(self) -> int:
+        """The per-adapter file size limit in force (configured, or derived from the base and max rank)."""
+        return self.limits.file_limit
 
     # ---------------------------------------------------------------- request path
     def acquire(self, adapter_id: str) -> AdapterEntry:
-        """Counts a request on the adapter, starting its load if needed."""
-        validate_adapter_id(adapter_id)
-        if self.store is None:
+        """Counts a request on the adapter (an id checked at the edge), starting its load if needed."""
+        if self.reader is None:
             raise NotFound(f"adapter {adapter_id!r} not found: the server has no adapter store")
         with self._lock:
-            entry = self._entries.get(adapter_id)
+            entry = self._registry.get(adapter_id)
             if entry is not None and entry.draining:
                 raise NotFound(f"adapter {adapter_id!r} is being unloaded")
             if entry is None:
-                entry = self._new_entry(adapter_id)
+                entry = self._registry.add(adapter_id)
             entry.in_flight += 1
             self._touch(entry)
             if self.metrics is not None:
-                self.metrics.adapter_lookups.labels("hit" if entry.slot is not None else "miss").inc()
-            self._ensure_loading(entry)
+                hit = entry.state is AdapterState.DEVICE
+                self.metrics.adapter_lookups.labels("hit" if hit else "miss").inc()
+            self._ensure_reading(entry)
             return entry
 
     def release(self, entry: AdapterEntry) -> None:
@@ -114,30 +106,37 @@ class AdapterManager:
             entry.in_flight -= 1
             if entry.draining and entry.in_flight == 0:
                 self._retire(entry)
+            elif entry.state is AdapterState.DISK and entry.in_flight == 0 and not entry.placed:
+                self._registry.drop(entry)  # nothing in memory and nobody waiting: forget it
 
     # ---------------------------------------------------------------- engine thread
     def try_place(self, entry: AdapterEntry) -> int | None:
         """The adapter's device slot, placing it now if its weights are in host memory and a
-        slot is free or evictable; None while it loads or every slot is busy."""
+        slot is free or evictable; None while it loads or every slot is busy. Raises the
+        adapter's error (a fresh one) if it was refused or unloaded."""
         with self._lock:
-            if entry.error is not None:
-                raise entry.error
-            if entry.slot is not None:
+            state = entry.state
+            if state is AdapterState.FAILED:
+                raise entry.failure.error()
+            if state is AdapterState.RETIRED:
+                raise NotFound(f"adapter {entry.adapter_id!r} was unloaded")
+            if state is AdapterState.DEVICE:
                 self._touch(entry)
                 return entry.slot
-            if entry.weights is None:
-                self._ensure_loading(entry)
+            if state is not AdapterState.HOST:
+                self._ensure_reading(entry)
                 return None
-            slot = self._free_slot()
+            slot = self._take_slot()
             if slot is None:
                 return None
             try:
                 self.slots.set_slot(slot, entry.weights)
             except ServeError as error:  # e.g. non-finite weights, found while copying
-                self._fail(entry, error)
-                raise
+                self._fail(entry, Failure.of(error))
+                raise entry.failure.error() from None
             entry.slot = slot
-            self._owners[slot] = entry
+            entry.state = AdapterState.DEVICE
+            self._slots.assign(slot, entry)
             self._touch(entry)
             if self.metrics is not None:
                 self.metrics.adapter_loads.labels("host").inc()
@@ -152,205 +151,206 @@ class AdapterManager:
         with self._lock:
             entry.running -= 1
 
+    def running_pins(self) -> int:
+        """Sequences of the running batch holding a slot, over all adapters (0 when idle)."""
+        with self._lock:
+            return sum(entry.running for entry in self._slots.owners())
+
     def housekeeping(self) -> None:
         """Places adapters that admin loads are waiting for (engine thread, between steps)."""
         with self._lock:
             for entry in list(self._pending):
+                if entry.state not in (AdapterState.HOST, AdapterState.DEVICE, AdapterState.FAILED):
+                    continue
                 try:
-                    slot = self.try_place(entry) if entry.weights is not None or entry.error else None
+                    slot = self.try_place(entry)
                 except ServeError as error:
-                    self._resolve(entry, error)
+                    self._resolve(entry, Failure.of(error))
                     continue
                 if slot is not None:
                     self._resolve(entry, None)
 
     # ---------------------------------------------------------------- admin
-    def load(self, adapter_id: str, pin: bool = False) -> tuple[Future, bool]:
+    def load(self, adapter_id: str, pin: bool = False) -> Future:
         """Starts loading (or reloading, if its files changed) onto the device.
 
-        Returns (future resolved with the entry once it is in a slot, whether it was a reload).
+        Returns a future of a LoadResult, resolved once the adapter is in a device slot. The
+        files are opened and compared on a reader thread: nothing here touches the disk.
         """
-        validate_adapter_id(adapter_id)
-        if self.store is None:
+        if self.reader is None:
             raise NotFound(f"adapter {adapter_id!r} not found: the server has no adapter store")
-        files = self.store.files(adapter_id)
-        reloaded = False
-        with self._lock:
-            entry = self._entries.get(adapter_id)
-            if entry is not None and entry.draining:
-                raise NotFound(f"adapter {adapter_id!r} is being unloaded")
-            if entry is not None and entry.fingerprint != files.fingerprint():
-                self._supersede(entry)
-                entry, reloaded = None, True
-            if entry is None:
-                self._failed.pop(adapter_id, None)
-                entry = self._new_entry(adapter_id, files)
-            if pin and not entry.admin_pinned:
-                pinned = sum(1 for e in self._owners if e is not None and e.admin_pinned)
-                if pinned >= self.slots.num_slots - 1:
-                    raise ResourceExhausted(
-                        f"cannot pin {adapter_id!r}: {pinned} of {self.slots.num_slots} device slots are "
-                        "pinned and one must stay free for other adapters"
-                    )
-                entry.admin_pinned = True
-            future: Future = Future()
-            if entry.slot is not None:
-                self._touch(entry)
-                future.set_result(entry)
-                return future, reloaded
-            entry.placed.append(future)
-            if entry not in self._pending:
-                self._pending.append(entry)
-            self._ensure_loading(entry)
-        self.wake()
-        return future, reloaded
+        future: Future = Future()
+        self.reader.submit(self._admin_load, adapter_id, pin, future)
+        return future
 
-    def unload(self, adapter_id: str) -> AdapterEntry:
+    def unload(self, adapter_id: str) -> AdapterInfo:
         """Retires the adapter once its in-flight requests finish; new requests get NOT_FOUND."""
-        validate_adapter_id(adapter_id)
         with self._lock:
-            entry = self._entries.get(adapter_id)
+            entry = self._registry.get(adapter_id)
             if entry is None or entry.draining:
                 raise NotFound(f"adapter {adapter_id!r} is not loaded")
             entry.draining = True
             entry.admin_pinned = False
             if entry.in_flight == 0:
                 self._retire(entry)
-            return entry
+            return entry.info()
 
-    @staticmethod
-    def _row(entry: AdapterEntry) -> dict:
-        return {
-            "adapter_id": entry.adapter_id,
-            "tier": entry.tier,
-            "rank": entry.rank,
-            "targets": list(entry.targets),
-            "bytes": entry.nbytes if entry.tier != "disk" else 0,
-            "in_flight": entry.in_flight,
-            "pinned": entry.admin_pinned,
-            "draining": entry.draining,
-            "last_used": entry.last_used,
-            "slot": -1 if entry.slot is None else entry.slot,
-        }
+    def describe(self, include_disk: bool = False) -> list[AdapterInfo]:
+        """One row per adapter (entries in memory, plus disk-only ones when asked), sorted by id.
 
-    @staticmethod
-    def _disk_row(adapter_id: str) -> dict:
-        return {
-            "adapter_id": adapter_id,
-            "tier": "disk",
-            "rank": 0,
-            "targets": [],
-            "bytes": 0,
-            "in_flight": 0,
-            "pinned": False,
-            "draining": False,
-            "last_used": 0.0,
-            "slot": -1,
-        }
-
-    def describe(self, include_disk: bool = False) -> list[dict]:
-        """One dict per adapter (entries in memory, plus disk-only ones when asked), sorted by id."""
+        With include_disk this lists the store's folders: call it off the event loop."""
         with self._lock:
-            rows = {e.adapter_id: self._row(e) for e in self._entries.values()}
+            rows = {e.adapter_id: e.info() for e in self._registry.entries()}
         if include_disk and self.store is not None:
             for adapter_id in self.store.list_ids():
-                rows.setdefault(adapter_id, self._disk_row(adapter_id))
+                rows.setdefault(adapter_id, AdapterInfo(adapter_id, "disk"))
         return [rows[k] for k in sorted(rows)]
 
-    def describe_one(self, adapter_id: str) -> dict:
+    def describe_one(self, adapter_id: str) -> AdapterInfo:
         """The row of one adapter: in memory, else as a disk-only adapter."""
         with self._lock:
-            entry = self._entries.get(adapter_id)
-            return self._row(entry) if entry is not None else self._disk_row(adapter_id)
+            entry = self._registry.get(adapter_id)
+            return entry.info() if entry is not None else AdapterInfo(adapter_id, "disk")
 
     def shutdown(self) -> None:
-        self._executor.shutdown(wait=False, cancel_futures=True)
+        if self.reader is not None:
+            self.reader.shutdown()
+
+    # ---------------------------------------------------------------- reader threads
+    def _read_job(self, entry: AdapterEntry) -> None:
+        try:
+            opened = self.reader.open(entry.adapter_id)
+        except ServeError as error:
+            self._publish(entry, ReadOutcome(entry.adapter_id, None, failure=Failure.of(error)))
+            return
+        with opened:
+            self._read_opened(entry, opened)
+
+    def _read_opened(self, entry: AdapterEntry, opened: OpenedAdapter) -> None:
+        with self._lock:
+            remembered = self._registry.failure_for(entry.adapter_id, opened.fingerprint)
+        outcome = self.reader.read(opened, entry.fingerprint, remembered)
+        self._publish(entry, outcome)
+
+    def _admin_load(self, adapter_id: str, pin: bool, future: Future) -> None:
+        """Reader thread: opens the files, replaces a stale entry, then reads or waits for a slot."""
+        try:
+            opened = self.reader.open(adapter_id)
+        except ServeError as error:
+            future.set_exception(Failure.of(error).error())
+            return
+        with opened:
+            try:
+                entry, read_now = self._admin_entry(adapter_id, opened, pin, future)
+            except ServeError as error:
+                future.set_exception(Failure.of(error).error())
+                return
+            if read_now:
+                self._read_opened(entry, opened)
+        self.wake()
+
+    def _admin_entry(
+        self, adapter_id: str, opened: OpenedAdapter, pin: bool, future: Future
+    ) -> tuple[AdapterEntry, bool]:
+        with self._lock:
+            entry = self._registry.get(adapter_id)
+            if entry is not None and entry.draining:
+                raise NotFound(f"adapter {adapter_id!r} is being unloaded")
+            reloaded = False
+            if entry is not None and entry.fingerprint not in (None, opened.fingerprint):
+                self._supersede(entry)
+                entry, reloaded = None, True
+            if entry is None:
+                entry = self._registry.add(adapter_id)
+            if pin and not entry.admin_pinned:
+                pinned = self._slots.admin_pinned
+                if pinned >= self._slots.num_slots - 1:
+                    raise ResourceExhausted(
+                        f"cannot pin {adapter_id!r}: {pinned} of {self._slots.num_slots} device slots are "
+                        "pinned and one must stay free for other adapters"
+                    )
+                entry.admin_pinned = True
+            self._touch(entry)
+            if entry.state is AdapterState.DEVICE:
+                future.set_result(LoadResult(entry.info(), reloaded))
+                return entry, False
+            entry.placed.append((future, reloaded))
+            if entry not in self._pending:
+                self._pending.append(entry)
+            read_now = entry.state is AdapterState.DISK
+            if read_now:
+                entry.state = AdapterState.READING
+            return entry, read_now
 
     # ---------------------------------------------------------------- internals (lock held)
-    def _new_entry(self, adapter_id: str, files: AdapterFiles | None = None) -> AdapterEntry:
-        files = files or self.store.files(adapter_id)
-        fingerprint = files.fingerprint()
-        failed = self._failed.get(adapter_id)
-        if failed is not None:
-            if failed[0] == fingerprint:
-                raise failed[1]
-            del self._failed[adapter_id]
-        entry = AdapterEntry(adapter_id, files, fingerprint)
-        self._entries[adapter_id] = entry
-        return entry
-
     def _touch(self, entry: AdapterEntry) -> None:
         self._tick += 1
         entry.lru_tick = self._tick
         entry.last_used = time.time()
-        if entry in self._host:
-            self._host.pop(entry)
-            self._host[entry] = None
+        self._host.touch(entry)
 
-    def _ensure_loading(self, entry: AdapterEntry) -> None:
-        if entry.weights is None and entry.loading is None and entry.error is None and not entry.retired:
-            entry.loading = self._executor.submit(self._read, entry)
+    def _ensure_reading(self, entry: AdapterEntry) -> None:
+        # A draining entry still reads: the requests it already has must finish.
+        if entry.state is AdapterState.DISK:
+            entry.state = AdapterState.READING
+            self.reader.submit(self._read_job, entry)
 
-    def _read(self, entry: AdapterEntry) -> None:
-        """Worker thread: read and validate (no tensor arithmetic); then publish under the lock."""
-        started = time.perf_counter()
-        try:
-            weights = read_adapter_weights(
-                entry.files.config,
-                entry.files.weights,
-                self.slots.shapes,
-                self.slots.max_rank,
-            )
-            if not weights.modules:
-                raise FailedPrecondition(f"adapter {entry.adapter_id!r} adapts no module")
-            error = None
-        except ServeError as failure:
-            weights, error = None, failure
-        except Exception as failure:
-            log.exception("adapter %s failed to load", entry.adapter_id)
-            weights, error = (
-                None,
-                FailedPrecondition(f"adapter {entry.adapter_id!r} failed to load: {failure}"),
-            )
-        elapsed = time.perf_counter() - started
+    def _publish(self, entry: AdapterEntry, outcome: ReadOutcome) -> None:
+        """Reader thread: makes a read's outcome visible, then wakes the engine."""
         with self._lock:
-            entry.loading = None
-            if error is not None:
-                self._fail(entry, error)
-            elif not entry.retired:
-                self._check_base(entry, weights)
-                entry.weights = weights
-                entry.rank = weights.max_rank
-                entry.targets = weights.target_leaves
-                entry.nbytes = weights.nbytes
-                self._host[entry] = None
-                self._evict_host()
-                if self.metrics is not None:
-                    self.metrics.adapter_load_seconds.observe(elapsed)
-                    self.metrics.adapter_loads.labels("disk").inc()
-                log.info(
-                    "adapter %s read in %.1f ms (rank %d, %d modules, %.1f MiB)",
-                    entry.adapter_id,
-                    elapsed * 1e3,
-                    entry.rank,
-                    len(weights.modules),
-                    entry.nbytes / 2**20,
-                )
+            if entry.state is AdapterState.RETIRED:
+                pass
+            elif outcome.failure is not None:
+                if outcome.of_files and outcome.fingerprint is not None:
+                    self._registry.remember_failure(entry.adapter_id, outcome.fingerprint, outcome.failure)
+                self._fail(entry, outcome.failure)
+            else:
+                self._store_weights(entry, outcome)
             self._report()
         self.wake()
 
-    def _fail(self, entry: AdapterEntry, error: ServeError) -> None:
-        """An adapter refused: its requests fail, and so will new ones until its files change."""
-        log.warning("adapter %s refused: %s", entry.adapter_id, error.message)
-        entry.error = error
-        self._failed[entry.adapter_id] = (entry.fingerprint, error)
-        self._host.pop(entry, None)
-        entry.weights = None
-        if self._entries.get(entry.adapter_id) is entry:
-            del self._entries[entry.adapter_id]
+    def _store_weights(self, entry: AdapterEntry, outcome: ReadOutcome) -> None:
+        weights = outcome.weights
+        first = entry.fingerprint is None
+        entry.fingerprint = outcome.fingerprint
+        entry.weights = weights
+        entry.rank = weights.max_rank
+        entry.targets = tuple(weights.target_leaves)
+        entry.nbytes = weights.nbytes
+        entry.state = AdapterState.HOST
+        self._registry.forget_failure(entry.adapter_id)
+        self._host.add(entry)
+        self._evict_host()
+        if first:
+            self._check_base(entry)
+        if self.metrics is not None:
+            self.metrics.adapter_load_seconds.observe(outcome.seconds)
+            self.metrics.adapter_loads.labels("disk").inc()
+        log.info(
+            "adapter %s read in %.1f ms (rank %d, %d modules, %.1f MiB)",
+            entry.adapter_id,
+            outcome.seconds * 1e3,
+            entry.rank,
+            len(weights.modules),
+            entry.nbytes / 2**20,
+        )
 
-    def _check_base(self, entry: AdapterEntry, weights: AdapterWeights) -> None:
-        declared = weights.config.base_model_name_or_path
+    def _fail(self, entry: AdapterEntry, failure: Failure) -> None:
+        """An adapter refused: its requests and admin loads fail; a new request reads its files again
+        (refused at once, from the remembered failure, while they are unchanged)."""
+        log.warning("adapter %s refused: %s", entry.adapter_id, failure.message)
+        entry.state = AdapterState.FAILED
+        entry.failure = failure
+        self._host.remove(entry)
+        entry.weights = None
+        if entry.slot is not None:
+            self._slots.release(entry.slot)
+            entry.slot = None
+        self._registry.drop(entry)
+        self._resolve(entry, failure)
+
+    def _check_base(self, entry: AdapterEntry) -> None:
+        declared = entry.weights.config.base_model_name_or_path
         if declared and self.base_model_name and declared != self.base_model_name:
             log.warning(
                 "adapter %s was trained on %s, serving it on %s",
@@ -359,71 +359,64 @@ class AdapterManager:
                 self.base_model_name,
             )
 
-    def _free_slot(self) -> int | None:
-        for slot, owner in enumerate(self._owners):
-            if owner is None:
-                return slot
-        idle = [e for e in self._owners if e is not None and e.running == 0 and not e.admin_pinned]
-        if not idle:
+    def _take_slot(self) -> int | None:
+        slot = self._slots.free_slot()
+        if slot is not None:
+            return slot
+        victim = self._slots.victim()
+        if victim is None:
             return None
-        victim = min(idle, key=lambda e: e.lru_tick)
         slot = victim.slot
-        self._owners[slot] = None
+        self._slots.release(slot)
         victim.slot = None
+        victim.state = AdapterState.HOST if victim.weights is not None else AdapterState.DISK
         if self.metrics is not None:
             self.metrics.adapter_evictions.labels("device").inc()
-        if victim.weights is None and victim.in_flight == 0 and not victim.placed:
-            self._forget(victim)
+        if victim.state is AdapterState.DISK and victim.in_flight == 0 and not victim.placed:
+            self._registry.drop(victim)
         return slot
 
     def _evict_host(self) -> None:
-        total = sum(e.nbytes for e in self._host)
-        for entry in list(self._host):
-            if total <= self.max_host_bytes:
-                break
-            if entry.in_flight > 0 or entry.placed:
-                continue
-            total -= entry.nbytes
-            self._host.pop(entry)
+        def can_drop(entry: AdapterEntry) -> bool:
+            return entry.in_flight == 0 and not entry.placed
+
+        for entry in list(self._host.over_budget(can_drop)):
+            self._host.remove(entry)
             entry.weights = None
             if self.metrics is not None:
                 self.metrics.adapter_evictions.labels("host").inc()
-            if entry.slot is None:
-                self._forget(entry)
-
-    def _forget(self, entry: AdapterEntry) -> None:
-        """An entry back on disk only: drop it from the map (it reloads lazily)."""
-        if self._entries.get(entry.adapter_id) is entry and entry.in_flight == 0:
-            del self._entries[entry.adapter_id]
+            if entry.state is AdapterState.HOST:
+                entry.state = AdapterState.DISK
+                self._registry.drop(entry)  # back on disk only: it reloads lazily
 
     def _supersede(self, entry: AdapterEntry) -> None:
         """A reload replaces this entry; it drains like an unload but its id stays usable."""
-        del self._entries[entry.adapter_id]
+        self._registry.drop(entry)
         entry.draining = True
         entry.admin_pinned = False
-        self._resolve(entry, Unavailable(f"adapter {entry.adapter_id!r} was reloaded while loading; retry"))
+        failure = Failure.of(Unavailable(f"adapter {entry.adapter_id!r} was reloaded while loading; retry"))
+        self._resolve(entry, failure)
         if entry.in_flight == 0:
             self._retire(entry)
 
     def _retire(self, entry: AdapterEntry) -> None:
-        entry.retired = True
         if entry.slot is not None:
-            self._owners[entry.slot] = None
+            self._slots.release(entry.slot)
             entry.slot = None
-        self._host.pop(entry, None)
+        self._host.remove(entry)
         entry.weights = None
-        if self._entries.get(entry.adapter_id) is entry:
-            del self._entries[entry.adapter_id]
-        self._resolve(entry, NotFound(f"adapter {entry.adapter_id!r} was unloaded"))
+        entry.state = AdapterState.RETIRED
+        self._registry.drop(entry)
+        self._resolve(entry, Failure.of(NotFound(f"adapter {entry.adapter_id!r} was unloaded")))
         self._report()
 
-    def _resolve(self, entry: AdapterEntry, error: ServeError | None) -> None:
-        for future in entry.placed:
+    def _resolve(self, entry: AdapterEntry, failure: Failure | None) -> None:
+        for future, reloaded in entry.placed:
             if not future.done():
-                if error is None:
-                    future.set_result(entry)
+                if failure is None:
+                    future.set_result(LoadResult(entry.info(), reloaded))
                 else:
-                    future.set_exception(error)
+                    future.set_exception(failure.error())
         entry.placed.clear()
         if entry in self._pending:
             self._pending.remove(entry)
@@ -431,8 +424,8 @@ class AdapterManager:
     def _report(self) -> None:
         if self.metrics is None:
             return
-        used = sum(1 for e in self._owners if e is not None)
+        used = self._slots.used
         self.metrics.adapter_slots_used.set(used)
-        self.metrics.adapter_slots_total.set(len(self._owners))
+        self.metrics.adapter_slots_total.set(self._slots.num_slots)
         self.metrics.adapters_loaded.labels("device").set(used)
         self.metrics.adapters_loaded.labels("host").set(len(self._host))

@@ -5,16 +5,28 @@ Honoured: `r`, `lora_alpha`, `use_rslora` (scale alpha/√r), `target_modules` (
 `layers_pattern`. Refused with a message naming the field: anything that would change the
 forward pass in a way the batched LoRA layer does not compute (DoRA, `modules_to_save`,
 trained biases, layer replication, trainable tokens, initialisations that rewrite the base).
+
+The regexes an adapter brings (`target_modules`, `exclude_modules`, `rank_pattern` and
+`alpha_pattern` keys, `layers_pattern`) are hostile input: a backtracking pattern can take
+seconds per module name. They are matched only against the base model's fixed list of module
+names (`resolve_modules`), with the `regex` package (which releases the GIL while matching, so
+other threads keep serving) under one time budget per adapter, refused over a length limit, and
+the result is cached per config.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import re
-from dataclasses import dataclass, field
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import regex
 
 from loraserve.errors import FailedPrecondition
 
@@ -33,86 +45,219 @@ UNSUPPORTED_FIELDS = (
     ("use_bdlora", "block-diagonal LoRA"),
     ("fan_in_fan_out", "fan_in_fan_out weights"),
 )
+# Longest regex accepted in any pattern field; real ones are tens of characters.
+MAX_PATTERN_CHARS = 1024
+# Most keys in rank_pattern / alpha_pattern (one per module of a large model is a few hundred).
+MAX_PATTERN_KEYS = 4096
+# Wall-clock budget for matching one adapter's patterns against every module name.
+MATCH_BUDGET_SECONDS = 0.25
+# Resolved module plans kept (per distinct config and module list).
+PLAN_CACHE_SIZE = 256
 
 
 @dataclass(frozen=True)
 class LoraAdapterConfig:
-    """What of adapter_config.json decides the forward pass."""
+    """What of adapter_config.json decides the forward pass (hashable: plans are cached by it)."""
 
     r: int
     lora_alpha: float
     use_rslora: bool = False
     target_modules: tuple[str, ...] | str | None = None
     exclude_modules: tuple[str, ...] | str | None = None
-    rank_pattern: dict[str, int] = field(default_factory=dict)
-    alpha_pattern: dict[str, float] = field(default_factory=dict)
+    rank_pattern: tuple[tuple[str, int], ...] = ()
+    alpha_pattern: tuple[tuple[str, float], ...] = ()
     layers_to_transform: tuple[int, ...] | None = None
     layers_pattern: tuple[str, ...] | None = None
     base_model_name_or_path: str | None = None
 
-    def rank_for(self, module_name: str) -> int:
-        key = pattern_key(self.rank_pattern, module_name)
-        return int(self.rank_pattern[key]) if key is not None else self.r
+    @property
+    def max_rank(self) -> int:
+        """The highest rank any module of this adapter may have."""
+        return max([self.r, *(rank for _, rank in self.rank_pattern)])
 
-    def alpha_for(self, module_name: str) -> float:
-        key = pattern_key(self.alpha_pattern, module_name)
-        return float(self.alpha_pattern[key]) if key is not None else self.lora_alpha
+    def rank_for(self, module_name: str, deadline: float | None = None) -> int:
+        key = pattern_key(self.rank_pattern, module_name, deadline)
+        return int(dict(self.rank_pattern)[key]) if key is not None else self.r
 
-    def scale_for(self, module_name: str, rank: int) -> float:
+    def alpha_for(self, module_name: str, deadline: float | None = None) -> float:
+        key = pattern_key(self.alpha_pattern, module_name, deadline)
+        return float(dict(self.alpha_pattern)[key]) if key is not None else self.lora_alpha
+
+    def scale(self, alpha: float, rank: int) -> float:
         """PEFT's scaling: alpha / r, or alpha / sqrt(r) with rsLoRA."""
-        alpha = self.alpha_for(module_name)
         return alpha / math.sqrt(rank) if self.use_rslora else alpha / rank
 
-    def targets(self, module_name: str) -> bool:
+    def scale_for(self, module_name: str, rank: int) -> float:
+        return self.scale(self.alpha_for(module_name), rank)
+
+    def targets(self, module_name: str, deadline: float | None = None) -> bool:
         """Would PEFT have put a LoRA layer on this module (full name, e.g. model.layers.0.mlp.up_proj)?"""
-        if self.exclude_modules is not None and _name_matches(self.exclude_modules, module_name):
+        if self.exclude_modules is not None and _name_matches(self.exclude_modules, module_name, deadline):
             return False
         if self.target_modules is None or self.target_modules == "all-linear":
             matched = True  # the caller only asks about linear layers of the decoder
         else:
-            matched = _name_matches(self.target_modules, module_name)
+            matched = _name_matches(self.target_modules, module_name, deadline)
         if not matched:
             return False
         if self.layers_to_transform is not None and not isinstance(self.target_modules, str):
-            index = layer_index(module_name, self.layers_pattern)
+            index = layer_index(module_name, self.layers_pattern, deadline)
             return index is not None and index in self.layers_to_transform
         return True
 
 
-def pattern_key(patterns: dict[str, Any], module_name: str) -> str | None:
+@dataclass(frozen=True)
+class ModuleSpec:
+    """What the config says about one targeted base module."""
+
+    rank: int
+    alpha: float
+
+
+# ----------------------------------------------------------------------------- matching
+def _timeout(deadline: float | None) -> float | None:
+    if deadline is None:
+        return None
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise TimeoutError
+    return left
+
+
+def _match(pattern: str, name: str, deadline: float | None, full: bool = False) -> regex.Match | None:
+    compiled = regex.compile(pattern)  # the regex package caches compiled patterns
+    method = compiled.fullmatch if full else compiled.match
+    return method(name, timeout=_timeout(deadline), concurrent=True)
+
+
+def pattern_key(
+    patterns: Iterable[tuple[str, Any]], module_name: str, deadline: float | None = None
+) -> str | None:
     """PEFT's rank/alpha pattern lookup: a key matches a module name or a dotted suffix of it."""
-    for key in patterns:
-        if re.match(rf"(.*\.)?({key})$", module_name):
+    for key, _ in patterns:
+        if _match(rf"(.*\.)?({key})$", module_name, deadline):
             return key
     return None
 
 
-def layer_index(module_name: str, patterns: tuple[str, ...] | None) -> int | None:
+def layer_index(
+    module_name: str, patterns: tuple[str, ...] | None, deadline: float | None = None
+) -> int | None:
     """PEFT's rule: the first numbered segment (after one of `patterns` when given)."""
     if not patterns:
-        match = re.match(r".*?\.[^.]*\.(\d+)\.", module_name)
+        match = _match(r".*?\.[^.]*\.(\d+)\.", module_name, deadline)
         return int(match.group(1)) if match else None
     for pattern in patterns:
-        match = re.match(rf"(?:^|.*?\.){pattern}\.(\d+)\.", module_name)
+        match = _match(rf"(?:^|.*?\.){pattern}\.(\d+)\.", module_name, deadline)
         if match:
             return int(match.group(1))
     return None
 
 
-def _name_matches(spec: tuple[str, ...] | str, module_name: str) -> bool:
+def _name_matches(spec: tuple[str, ...] | str, module_name: str, deadline: float | None) -> bool:
     if isinstance(spec, str):
-        return re.fullmatch(spec, module_name) is not None
+        return _match(spec, module_name, deadline, full=True) is not None
     return any(module_name == key or module_name.endswith("." + key) for key in spec)
 
 
+_plans: OrderedDict[tuple[LoraAdapterConfig, tuple[str, ...]], dict[str, ModuleSpec]] = OrderedDict()
+_plans_lock = threading.Lock()
+
+
+def resolve_modules(
+    config: LoraAdapterConfig, module_names: Iterable[str], budget: float = MATCH_BUDGET_SECONDS
+) -> dict[str, ModuleSpec]:
+    """The base modules the config targets, with their rank and alpha.
+
+    Matches the config's patterns against the given (fixed) module names within `budget`
+    seconds in all, else FailedPrecondition naming the fields; cached per (config, names).
+    """
+    names = tuple(module_names)
+    key = (config, names)
+    with _plans_lock:
+        plan = _plans.get(key)
+        if plan is not None:
+            _plans.move_to_end(key)
+            return plan
+    deadline = time.monotonic() + budget
+    try:
+        plan = {
+            name: ModuleSpec(config.rank_for(name, deadline), config.alpha_for(name, deadline))
+            for name in names
+            if config.targets(name, deadline)
+        }
+    except TimeoutError:
+        raise FailedPrecondition(
+            "adapter_config.json: matching target_modules / exclude_modules / rank_pattern / "
+            f"alpha_pattern / layers_pattern against the model's modules took over {budget:g} s; "
+            "these patterns are too expensive (catastrophic backtracking?), simplify them"
+        ) from None
+    with _plans_lock:
+        _plans[key] = plan
+        while len(_plans) > PLAN_CACHE_SIZE:
+            _plans.popitem(last=False)
+    return plan
+
+
+# ----------------------------------------------------------------------------- parsing
 def _as_tuple(value: Any, name: str, kind: type) -> tuple | None:
     if value is None:
         return None
-    if isinstance(value, kind):
+    if isinstance(value, kind) and not isinstance(value, bool):
         return (value,)
-    if isinstance(value, (list, tuple, set)) and all(isinstance(v, kind) for v in value):
+    if isinstance(value, (list, tuple, set)) and all(
+        isinstance(v, kind) and not isinstance(v, bool) for v in value
+    ):
         return tuple(value)
     raise FailedPrecondition(f"adapter_config.json: {name} must be a {kind.__name__} or a list of them")
+
+
+def _check_regex(pattern: str, where: str) -> None:
+    if len(pattern) > MAX_PATTERN_CHARS:
+        raise FailedPrecondition(
+            f"adapter_config.json: {where} is {len(pattern)} characters long, above the "
+            f"{MAX_PATTERN_CHARS}-character limit for a pattern"
+        )
+    try:
+        regex.compile(pattern)
+    except (regex.error, RecursionError, OverflowError) as error:
+        raise FailedPrecondition(f"adapter_config.json: {where} is not a valid regex: {error}") from None
+
+
+def _names_field(raw: dict[str, Any], name: str) -> tuple[str, ...] | str | None:
+    value = raw.get(name)
+    if isinstance(value, str):
+        _check_regex(value, name)
+        return value
+    names = _as_tuple(value, name, str)
+    if names is not None and (
+        len(names) > MAX_PATTERN_KEYS or any(len(n) > MAX_PATTERN_CHARS for n in names)
+    ):
+        raise FailedPrecondition(
+            f"adapter_config.json: {name} has more than {MAX_PATTERN_KEYS} entries or one longer "
+            f"than {MAX_PATTERN_CHARS} characters"
+        )
+    return names
+
+
+def _pattern_field(raw: dict[str, Any], name: str) -> dict[str, Any]:
+    patterns = raw.get(name) or {}
+    if not isinstance(patterns, dict):
+        raise FailedPrecondition(f"adapter_config.json: {name} must be an object")
+    if len(patterns) > MAX_PATTERN_KEYS:
+        raise FailedPrecondition(
+            f"adapter_config.json: {name} has {len(patterns)} keys, above the limit of {MAX_PATTERN_KEYS}"
+        )
+    for key, value in patterns.items():
+        if (
+            not isinstance(value, (int, float))
+            or isinstance(value, bool)
+            or not math.isfinite(value)
+            or value <= 0
+        ):
+            raise FailedPrecondition(f"adapter_config.json: {name}[{key[:80]!r}] must be a positive number")
+        _check_regex(key, f"{name} key {key[:80]!r}")
+    return patterns
 
 
 def parse_adapter_config(raw: dict[str, Any]) -> LoraAdapterConfig:
@@ -138,55 +283,52 @@ def parse_adapter_config(raw: dict[str, Any]) -> LoraAdapterConfig:
     alpha = raw.get("lora_alpha", r)
     if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not math.isfinite(alpha):
         raise FailedPrecondition(f"adapter_config.json: lora_alpha must be a number, got {alpha!r}")
-    target = raw.get("target_modules")
-    target_modules = target if isinstance(target, str) else _as_tuple(target, "target_modules", str)
-    exclude = raw.get("exclude_modules")
-    exclude_modules = exclude if isinstance(exclude, str) else _as_tuple(exclude, "exclude_modules", str)
-    rank_pattern = raw.get("rank_pattern") or {}
-    alpha_pattern = raw.get("alpha_pattern") or {}
-    for name, patterns in (("rank_pattern", rank_pattern), ("alpha_pattern", alpha_pattern)):
-        if not isinstance(patterns, dict):
-            raise FailedPrecondition(f"adapter_config.json: {name} must be an object")
-        for key, value in patterns.items():
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
-                raise FailedPrecondition(f"adapter_config.json: {name}[{key!r}] must be a positive number")
-            try:
-                re.compile(key)
-            except re.error as error:
-                raise FailedPrecondition(
-                    f"adapter_config.json: {name} key {key!r} is not a regex: {error}"
-                ) from None
+    if alpha < 0:
+        # PEFT would silently negate the update; a sign flip is almost surely a mistake, and
+        # refusing is the safe reading.
+        raise FailedPrecondition(f"adapter_config.json: lora_alpha must not be negative, got {alpha!r}")
+    target_modules = _names_field(raw, "target_modules")
+    exclude_modules = _names_field(raw, "exclude_modules")
+    rank_pattern = _pattern_field(raw, "rank_pattern")
+    alpha_pattern = _pattern_field(raw, "alpha_pattern")
     for key, value in rank_pattern.items():
         if not float(value).is_integer():
-            raise FailedPrecondition(f"adapter_config.json: rank_pattern[{key!r}] must be an integer")
-    if isinstance(target_modules, str):
-        try:
-            re.compile(target_modules)
-        except re.error as error:
-            raise FailedPrecondition(
-                f"adapter_config.json: target_modules is not a valid regex: {error}"
-            ) from None
-    layers = raw.get("layers_to_transform")
-    layers_pattern = raw.get("layers_pattern")
+            raise FailedPrecondition(f"adapter_config.json: rank_pattern[{key[:80]!r}] must be an integer")
+    layers_pattern = _as_tuple(raw.get("layers_pattern"), "layers_pattern", str)
+    for pattern in layers_pattern or ():
+        _check_regex(pattern, "layers_pattern")
+    base_model = raw.get("base_model_name_or_path")
     return LoraAdapterConfig(
         r=r,
         lora_alpha=float(alpha),
         use_rslora=bool(raw.get("use_rslora", False)),
         target_modules=target_modules,
         exclude_modules=exclude_modules,
-        rank_pattern={k: int(v) for k, v in rank_pattern.items()},
-        alpha_pattern={k: float(v) for k, v in alpha_pattern.items()},
-        layers_to_transform=_as_tuple(layers, "layers_to_transform", int),
-        layers_pattern=_as_tuple(layers_pattern, "layers_pattern", str),
-        base_model_name_or_path=raw.get("base_model_name_or_path"),
+        rank_pattern=tuple((k, int(v)) for k, v in rank_pattern.items()),
+        alpha_pattern=tuple((k, float(v)) for k, v in alpha_pattern.items()),
+        layers_to_transform=_as_tuple(raw.get("layers_to_transform"), "layers_to_transform", int),
+        layers_pattern=layers_pattern,
+        base_model_name_or_path=base_model if isinstance(base_model, str) else None,
     )
 
 
-def read_adapter_config(path: Path) -> LoraAdapterConfig:
+def parse_adapter_config_bytes(data: bytes) -> LoraAdapterConfig:
     try:
-        raw = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raw = json.loads(data.decode("utf-8"), parse_constant=_no_constant)
+    except (UnicodeDecodeError, ValueError, RecursionError) as error:
         raise FailedPrecondition(f"adapter_config.json is not valid JSON: {error}") from None
     if not isinstance(raw, dict):
         raise FailedPrecondition("adapter_config.json must hold a JSON object")
     return parse_adapter_config(raw)
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def read_adapter_config(path: Path) -> LoraAdapterConfig:
+    try:
+        data = path.read_bytes()
+    except OSError as error:
+        raise FailedPrecondition(f"adapter_config.json cannot be read: {error}") from None
+    return parse_adapter_config_bytes(data)

@@ -1,26 +1,47 @@
-"""Reads one adapter's safetensors and checks every tensor against the base, without computing.
+"""Reads one adapter's safetensors and checks every tensor against the base, within fixed bounds.
 
 The result holds, per adapted base module, `a` [r, in] and `b` [out, r] as zero-copy views of
 the file's bytes in their stored dtype, and the module's LoRA scale. This runs on adapter-load
-worker threads, so it does no tensor arithmetic (which would start a second OpenMP thread team
-beside the engine's and slow every engine step): dtype conversion, scaling and the finiteness
-check happen while copying into a device slot (adapters.layer.SlotTable.set_slot), on the
-engine's thread. Every refusal names the tensor or field at fault.
+worker threads, so it does no torch arithmetic (that would start a second OpenMP thread team
+beside the engine's and slow every engine step): the magnitude check below is numpy on the raw
+bits, and dtype conversion, scaling and the finiteness check of the copy happen while copying
+into a device slot (adapters.layer.SlotTable.set_slot), on the engine's thread.
+
+Bounds, all checked from the file's size and header before its data is read:
+- the file is at most `ReadLimits.max_adapter_bytes` and at most what its config implies (every
+  module it may target at the config's highest rank, 8 bytes per element, plus the header);
+- the header is at most `HEADER_BYTES_PER_TENSOR` per possible tensor (2 × adaptable modules,
+  plus a small slack), and holds at most that many tensors, so a crafted header with a million
+  entries is refused before it is parsed.
+
+Parsing is the `safetensors` package's (`safetensors.deserialize`: bounds-checked header, shapes,
+offsets that cover the data exactly). Not `safe_open(..., framework="numpy")`: numpy has no
+bfloat16, so it cannot return the BF16 tensors most adapters are saved in; and it maps the file
+by path, while the store hands us a descriptor opened without following links, and a file
+truncated under a live mapping raises SIGBUS in the server. We read the (bounded) file once
+with pread instead and hand the bytes to the library.
+
+Every refusal names the tensor, field or limit at fault.
 """
 
 from __future__ import annotations
 
-import json
-import math
 import os
 import re
-import struct
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+import safetensors
 import torch
 
-from loraserve.adapters.peft_config import LoraAdapterConfig, read_adapter_config
+from loraserve.adapters.peft_config import (
+    LoraAdapterConfig,
+    ModuleSpec,
+    parse_adapter_config_bytes,
+    resolve_modules,
+)
+from loraserve.adapters.store import WEIGHTS_FILE, OpenedAdapter, read_exactly
 from loraserve.errors import FailedPrecondition
 
 # base_model.model.<module>.lora_A.weight, as PEFT saves it (adapter name stripped).
@@ -29,17 +50,27 @@ REFUSED_KEYS = (
     ("lora_embedding_", "LoRA on embeddings"),
     ("lora_magnitude_vector", "DoRA magnitude vectors"),
     ("modules_to_save", "modules_to_save weights"),
-    ("trainable_tokens", "trainable tokens"),
+    ("trainable_token", "trainable tokens"),
 )
-
-
-SAFETENSORS_DTYPES = {
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "F64": torch.float64,
+# dtype name -> (torch dtype, unsigned int of the same width, sign-stripping mask, first non-finite bits)
+DTYPES = {
+    "F16": (torch.float16, np.uint16, 0x7FFF, 0x7C00),
+    "BF16": (torch.bfloat16, np.uint16, 0x7FFF, 0x7F80),
+    "F32": (torch.float32, np.uint32, 0x7FFFFFFF, 0x7F800000),
+    "F64": (torch.float64, np.uint64, 0x7FFFFFFFFFFFFFFF, 0x7FF0000000000000),
 }
-MAX_HEADER_BYTES = 100 * 1024 * 1024
+MAX_ELEMENT_BYTES = 8  # F64
+# A PEFT header entry is ~150 bytes (name, dtype, shape, offsets); this leaves room for long names.
+HEADER_BYTES_PER_TENSOR = 512
+HEADER_SLACK_BYTES = 64 * 1024  # __metadata__ and whitespace
+# Tensors allowed past 2 per adaptable module, so that a few stray ones (a DoRA vector, a bias)
+# get their own, precise refusal instead of the count's.
+TENSOR_SLACK = 64
+# A stored weight (of A, or of B times the LoRA scale) above this makes the LoRA term of one
+# layer overflow even float32 after a few layers (1e18 weights wedged sampling in issue 13);
+# trained adapters stay below 1e2. float16 compute gets a tighter bound (its max is 65504).
+MAX_ABS_WEIGHT = 1e4
+MAX_ABS_WEIGHT_FP16 = 1e2
 
 
 @dataclass(frozen=True)
@@ -75,6 +106,39 @@ class AdapterWeights:
         return sorted({name.rsplit(".", 1)[-1] for name in self.modules})
 
 
+@dataclass(frozen=True)
+class ReadLimits:
+    """What an adapter is checked against: the base's adaptable modules and the server's limits."""
+
+    base_modules: dict[str, tuple[int, int]]  # name -> (in, out)
+    max_rank: int
+    max_adapter_bytes: int = 0  # 0: default_max_adapter_bytes(base_modules, max_rank)
+    max_abs_weight: float = MAX_ABS_WEIGHT
+
+    @property
+    def max_tensors(self) -> int:
+        return 2 * len(self.base_modules) + TENSOR_SLACK
+
+    @property
+    def max_header_bytes(self) -> int:
+        return HEADER_SLACK_BYTES + HEADER_BYTES_PER_TENSOR * self.max_tensors
+
+    @property
+    def file_limit(self) -> int:
+        return self.max_adapter_bytes or default_max_adapter_bytes(self.base_modules, self.max_rank)
+
+
+def default_max_adapter_bytes(base_modules: dict[str, tuple[int, int]], max_rank: int) -> int:
+    """The largest valid adapter file: every module at max_rank, 8-byte elements, a full header."""
+    data = sum(max_rank * (i + o) for i, o in base_modules.values()) * MAX_ELEMENT_BYTES
+    header = HEADER_SLACK_BYTES + HEADER_BYTES_PER_TENSOR * (2 * len(base_modules) + TENSOR_SLACK)
+    return 8 + header + data
+
+
+def max_abs_weight_for(compute_dtype: torch.dtype) -> float:
+    return MAX_ABS_WEIGHT_FP16 if compute_dtype == torch.float16 else MAX_ABS_WEIGHT
+
+
 def _refusal_for(key: str) -> str | None:
     for marker, what in REFUSED_KEYS:
         if marker in key:
@@ -84,67 +148,101 @@ def _refusal_for(key: str) -> str | None:
     return None
 
 
-def load_tensors(path: Path) -> dict[str, torch.Tensor]:
-    """All tensors of a safetensors file as zero-copy views of its bytes (no tensor arithmetic).
+def _bad(why: str) -> FailedPrecondition:
+    return FailedPrecondition(f"{WEIGHTS_FILE} is not a valid safetensors file: {why}")
 
-    The format: an 8-byte little-endian header length, a JSON header mapping names to dtype,
-    shape and byte offsets, then the data. Anything inconsistent is FailedPrecondition.
-    """
 
-    def bad(why: str) -> FailedPrecondition:
-        return FailedPrecondition(f"{path.name} is not a valid safetensors file: {why}")
+def _check_size(
+    size: int, config: LoraAdapterConfig, plan: dict[str, ModuleSpec], limits: ReadLimits
+) -> None:
+    limit = limits.file_limit
+    if size > limit:
+        raise FailedPrecondition(
+            f"{WEIGHTS_FILE} is {size} bytes, above the server's limit of {limit} bytes per adapter "
+            "(--max-adapter-bytes); refused before reading"
+        )
+    rank = max([config.max_rank, *(spec.rank for spec in plan.values())])
+    implied = sum(rank * (i + o) for i, o in limits.base_modules.values()) * MAX_ELEMENT_BYTES
+    implied += 8 + limits.max_header_bytes
+    if size > implied:
+        raise FailedPrecondition(
+            f"{WEIGHTS_FILE} is {size} bytes, more than adapter_config.json allows (at most {implied} "
+            f"bytes for rank {rank} on this base); refused before reading"
+        )
 
+
+def _read_tensors(opened: OpenedAdapter, limits: ReadLimits) -> list[tuple[str, dict]]:
+    """The file's tensors (name, {dtype, shape, data}), after bounding the header."""
+    size = opened.weights_size
+    if size < 8:
+        raise _bad("shorter than its header")
+    (header_len,) = np.frombuffer(read_exactly(opened.weights_fd, 0, 8, WEIGHTS_FILE), dtype="<u8")
+    header_len = int(header_len)
+    if header_len > limits.max_header_bytes:
+        raise _bad(
+            f"header of {header_len} bytes is above the limit of {limits.max_header_bytes} bytes "
+            f"for at most {limits.max_tensors} tensors (2 per adaptable module of this base, and a few more)"
+        )
+    if header_len > size - 8:
+        raise _bad(f"header length {header_len} exceeds the file")
+    header = read_exactly(opened.weights_fd, 8, header_len, WEIGHTS_FILE)
+    count = header.count(b'"data_offsets"')
+    if count > limits.max_tensors:
+        raise _bad(
+            f"header lists {count} tensors, more than the {limits.max_tensors} an adapter of this "
+            "base can have (2 per adaptable module, and a few more)"
+        )
+    data = read_exactly(opened.weights_fd, 0, size, WEIGHTS_FILE)
     try:
-        with open(path, "rb") as handle:
-            data = bytearray(os.fstat(handle.fileno()).st_size)
-            handle.readinto(data)  # one copy, into a writable buffer the tensors can view
-    except OSError as error:
-        raise bad(str(error)) from None
-    if len(data) < 8:
-        raise bad("shorter than its header")
-    (header_len,) = struct.unpack("<Q", data[:8])
-    if header_len > min(MAX_HEADER_BYTES, len(data) - 8):
-        raise bad(f"header length {header_len} exceeds the file")
-    try:
-        header = json.loads(bytes(data[8 : 8 + header_len]).decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise bad(f"header is not JSON ({error})") from None
-    if not isinstance(header, dict):
-        raise bad("header is not a JSON object")
-    body = memoryview(data)[8 + header_len :]
-    tensors = {}
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        try:
-            dtype = SAFETENSORS_DTYPES[info["dtype"]]
-            shape = [int(d) for d in info["shape"]]
-            begin, end = (int(o) for o in info["data_offsets"])
-        except (KeyError, TypeError, ValueError):
-            raise bad(f"tensor {name}: unsupported dtype or malformed entry") from None
-        size = math.prod(shape) * torch.tensor([], dtype=dtype).element_size()
-        if any(d < 0 for d in shape) or not 0 <= begin <= end <= len(body) or end - begin != size:
-            raise bad(f"tensor {name}: offsets do not match its shape {shape}")
-        if size == 0:
-            tensors[name] = torch.empty(shape, dtype=dtype)
-            continue
-        tensors[name] = torch.frombuffer(body[begin:end], dtype=dtype).view(shape)
-    return tensors
+        return safetensors.deserialize(data)
+    except (safetensors.SafetensorError, ValueError, OverflowError) as error:
+        raise _bad(str(error).removeprefix("Error while deserializing: ")) from None
 
 
-def read_adapter_weights(
-    config_path: Path,
-    weights_path: Path,
-    base_modules: dict[str, tuple[int, int]],
-    max_rank: int,
-) -> AdapterWeights:
-    """Parses an adapter and validates it against `base_modules` (name -> (in, out))."""
-    config = read_adapter_config(config_path)
-    tensors = load_tensors(weights_path)
+def _as_tensor(key: str, info: dict, max_abs: float, scale: float) -> torch.Tensor:
+    """A zero-copy torch view of one tensor's bytes, after checking its magnitude (numpy, raw bits)."""
+    dtype = info["dtype"]
+    if dtype not in DTYPES:
+        raise FailedPrecondition(
+            f"tensor {key}: dtype {dtype} is not supported (LoRA weights must be F16, BF16, F32 or F64)"
+        )
+    torch_dtype, uint, mask, non_finite = DTYPES[dtype]
+    data = info["data"]
+    shape = list(info["shape"])
+    if not data:
+        return torch.empty(shape, dtype=torch_dtype)
+    bits = np.frombuffer(data, dtype=uint)
+    # |w| ordered as its sign-stripped bits (IEEE 754): one integer pass, no float temporaries.
+    peak_bits = int(np.bitwise_and(bits, uint(mask)).max())
+    if peak_bits >= non_finite:
+        raise FailedPrecondition(f"tensor {key}: LoRA weights contain NaN or infinity")
+    peak = _bits_to_float(peak_bits, dtype) * scale
+    if peak > max_abs:
+        raise FailedPrecondition(
+            f"tensor {key}: weights reach |w| = {peak:.3g}{' after the LoRA scale' if scale != 1 else ''}, "
+            f"above the bound of {max_abs:g} (max |w|) beyond which the forward pass overflows"
+        )
+    return torch.frombuffer(data, dtype=torch_dtype).view(shape)
+
+
+def _bits_to_float(bits: int, dtype: str) -> float:
+    if dtype == "BF16":
+        return float(np.array([bits << 16], dtype=np.uint32).view(np.float32)[0])
+    _, uint, _, _ = DTYPES[dtype]
+    floats = {"F16": np.float16, "F32": np.float32, "F64": np.float64}[dtype]
+    return float(np.array([bits], dtype=uint).view(floats)[0])
+
+
+def read_adapter(opened: OpenedAdapter, limits: ReadLimits) -> AdapterWeights:
+    """Parses an opened adapter and validates it against `limits`."""
+    config = parse_adapter_config_bytes(opened.read_config())
+    plan = resolve_modules(config, limits.base_modules)
+    _check_size(opened.weights_size, config, plan, limits)
+    tensors = _read_tensors(opened, limits)
     if not tensors:
-        raise FailedPrecondition(f"{weights_path.name} holds no tensors")
-    factors: dict[str, dict[str, torch.Tensor]] = {}
-    for key, tensor in tensors.items():
+        raise FailedPrecondition(f"{WEIGHTS_FILE} holds no tensors")
+    factors: dict[str, dict[str, tuple[str, dict]]] = {}
+    for key, info in tensors:
         refusal = _refusal_for(key)
         if refusal:
             raise FailedPrecondition(refusal)
@@ -152,41 +250,70 @@ def read_adapter_weights(
         if match is None:
             raise FailedPrecondition(f"tensor {key}: not a LoRA A/B weight this server understands")
         module, kind = match.group("module"), match.group("kind")
-        if module not in base_modules:
+        if module not in limits.base_modules:
             leaf = module.rsplit(".", 1)[-1]
             raise FailedPrecondition(
                 f"tensor {key}: module {module} ({leaf}) is not a LoRA target this base supports"
             )
-        if not config.targets(module):
+        if module not in plan:
             raise FailedPrecondition(
                 f"tensor {key}: module {module} is not targeted by adapter_config.json "
                 "(target_modules / layers_to_transform)"
             )
-        factors.setdefault(module, {})[kind] = tensor
+        factors.setdefault(module, {})[kind] = (key, info)
 
     modules: dict[str, ModuleLoRA] = {}
     for module, pair in sorted(factors.items()):
         if set(pair) != {"A", "B"}:
             missing = "lora_B" if "A" in pair else "lora_A"
             raise FailedPrecondition(f"module {module}: {missing}.weight is missing")
-        a, b = pair["A"], pair["B"]
-        in_features, out_features = base_modules[module]
-        if a.dim() != 2 or b.dim() != 2:
+        (a_key, a), (b_key, b) = pair["A"], pair["B"]
+        a_shape, b_shape = tuple(a["shape"]), tuple(b["shape"])
+        in_features, out_features = limits.base_modules[module]
+        if len(a_shape) != 2 or len(b_shape) != 2:
             raise FailedPrecondition(f"module {module}: lora_A/lora_B must be 2-D matrices")
-        rank = a.shape[0]
-        if a.shape[1] != in_features or b.shape[0] != out_features or b.shape[1] != rank:
+        rank = a_shape[0]
+        if a_shape[1] != in_features or b_shape[0] != out_features or b_shape[1] != rank:
             raise FailedPrecondition(
-                f"module {module}: shapes lora_A {tuple(a.shape)} / lora_B {tuple(b.shape)} do not fit "
+                f"module {module}: shapes lora_A {a_shape} / lora_B {b_shape} do not fit "
                 f"the base layer (in={in_features}, out={out_features})"
             )
-        expected = config.rank_for(module)
-        if rank != expected:
+        spec = plan[module]
+        if rank != spec.rank:
             raise FailedPrecondition(
-                f"module {module}: rank {rank} in the weights but {expected} in adapter_config.json"
+                f"module {module}: rank {rank} in the weights but {spec.rank} in adapter_config.json"
             )
-        if rank > max_rank:
+        if rank > limits.max_rank:
             raise FailedPrecondition(
-                f"module {module}: rank {rank} is above the server's max_lora_rank {max_rank}"
+                f"module {module}: rank {rank} is above the server's max_lora_rank {limits.max_rank}"
             )
-        modules[module] = ModuleLoRA(a=a, b=b, scale=config.scale_for(module, rank))
+        scale = config.scale(spec.alpha, rank)
+        modules[module] = ModuleLoRA(
+            a=_as_tensor(a_key, a, limits.max_abs_weight, 1.0),
+            b=_as_tensor(b_key, b, limits.max_abs_weight, scale),
+            scale=scale,
+        )
+    if not modules:
+        raise FailedPrecondition("the adapter adapts no module")
     return AdapterWeights(modules=modules, config=config)
+
+
+def read_adapter_weights(
+    config_path: Path,
+    weights_path: Path,
+    base_modules: dict[str, tuple[int, int]],
+    max_rank: int,
+    max_adapter_bytes: int = 0,
+    max_abs_weight: float = MAX_ABS_WEIGHT,
+) -> AdapterWeights:
+    """`read_adapter` on two paths (tools and tests; the server reads through AdapterStore.open)."""
+    flags = os.O_RDONLY | os.O_CLOEXEC
+    config_fd = os.open(config_path, flags)
+    try:
+        weights_fd = os.open(weights_path, flags)
+    except BaseException:
+        os.close(config_fd)
+        raise
+    limits = ReadLimits(base_modules, max_rank, max_adapter_bytes, max_abs_weight)
+    with OpenedAdapter(str(config_path.parent), config_fd, weights_fd) as opened:
+        return read_adapter(opened, limits)

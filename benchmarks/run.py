@@ -410,7 +410,7 @@ def scenario_adapter_load(bench: Bench, repeats: int = 9) -> dict[str, Any]:
         ours = []
         for adapter in assets.adapter_ids:
             started = time.perf_counter()
-            future, _ = manager.load(adapter)
+            future = manager.load(adapter)
             while not future.done():
                 manager.housekeeping()  # what the engine loop does between steps
                 time.sleep(0.0002)

@@ -35,15 +35,15 @@ class AdapterAdmin:
     async def load(self, adapter_id: str, pin: bool = False) -> LoadOutcome:
         """Loads the adapter into a device slot (reloading it if its files changed)."""
         started = time.perf_counter()
-        future, reloaded = self.adapters.load(adapter_id, pin)
+        future = self.adapters.load(adapter_id, pin)
         try:
-            await asyncio.wait_for(asyncio.wrap_future(future), self.load_timeout)
+            result = await asyncio.wait_for(asyncio.wrap_future(future), self.load_timeout)
         except TimeoutError:
             raise ResourceExhausted(
                 f"adapter {adapter_id!r} is in host memory but no device slot became free within "
                 f"{self.load_timeout:g} s (all slots busy or pinned)"
             ) from None
-        return LoadOutcome(self.adapters.describe_one(adapter_id), reloaded, time.perf_counter() - started)
+        return LoadOutcome(result.adapter, result.reloaded, time.perf_counter() - started)
 
     def unload(self, adapter_id: str) -> Any:
         """Retires the adapter once its requests finish; returns its row."""

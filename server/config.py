@@ -60,6 +60,12 @@ class ServerConfig(BaseSettings):
     max_host_adapter_bytes: int = Field(
         2 * 1024**3, ge=0, description="Host-memory budget for adapters not in a device slot (LRU)."
     )
+    max_adapter_bytes: int = Field(
+        0,
+        ge=0,
+        description="Largest adapter_model.safetensors accepted, checked before reading it. 0: derived "
+        "from the base model's adaptable modules at --max-lora-rank (8-byte elements, plus a header).",
+    )
     lora_target_modules: Annotated[list[str] | None, NoDecode] = Field(
         None,
         description="Base modules adapters may target (comma-separated leaf names). Default: every "

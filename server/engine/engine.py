@@ -63,6 +63,7 @@ class EngineConfig:
     max_loaded_adapters: int = 8
     max_lora_rank: int = 16
     max_host_adapter_bytes: int = 2 * 1024**3
+    max_adapter_bytes: int = 0  # 0: derived from the base's modules and max_lora_rank
     lora_target_modules: list[str] | None = None
     lora_backend: str = "auto"  # loraserve.adapters.lora_backends.select_lora_backend
     adapter_load_workers: int = 2
@@ -120,6 +121,7 @@ class Engine:
             loaded.name,
             metrics,
             wake=self.wake,
+            max_adapter_bytes=config.max_adapter_bytes,
         )
         geometry = KVGeometry.of(loaded.model.config)
         num_blocks = kv_cache_blocks(

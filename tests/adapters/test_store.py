@@ -65,7 +65,7 @@ def test_symlinked_file_out_of_the_store_is_refused(store_copy, tmp_path: Path) 
     target = tmp_path / "weights.safetensors"
     shutil.move(folder / "adapter_model.safetensors", target)
     os.symlink(target, folder / "adapter_model.safetensors")
-    with pytest.raises(FailedPrecondition, match="outside the store"):
+    with pytest.raises(FailedPrecondition, match="symbolic link"):
         AdapterStore(store_copy.store).files("a1")
 
 
@@ -217,10 +217,7 @@ def test_tensor_outside_config_targets(store_copy, shapes) -> None:
         _read(folder, shapes)
 
 
-def test_non_finite_weights_are_refused_when_copied_into_a_slot(store_copy, shapes, toy) -> None:
-    from loraserve.adapters.layer import SlotTable
-    from loraserve.model_loader import load_base_model
-
+def test_non_finite_weights_are_refused_when_read(store_copy, shapes) -> None:
     folder = store_copy.adapter("a1")
     key = "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"
 
@@ -229,19 +226,14 @@ def test_non_finite_weights_are_refused_when_copied_into_a_slot(store_copy, shap
         tensors[key][0, 0] = float("nan")
 
     _edit_tensors(folder, poison)
-    weights = _read(folder, shapes)  # reading does no arithmetic: the check is at the copy
-    loaded = load_base_model(str(toy.base), "none", "cpu", "float32")
-    table = SlotTable.attach(loaded.model, 2, 16, torch.float32, torch.device("cpu"))
-    with pytest.raises(FailedPrecondition, match="NaN or infinity"):
-        table.set_slot(1, weights)
-    assert table.rank_of_slot[1] == 0
-    assert all(not layer.lora_a[1].any() and not layer.lora_b[1].any() for layer in table.layers.values())
+    with pytest.raises(FailedPrecondition, match=f"tensor {key}: LoRA weights contain NaN or infinity"):
+        _read(folder, shapes)
 
 
 def test_truncated_safetensors(store_copy, shapes) -> None:
     path = store_copy.adapter("a1") / "adapter_model.safetensors"
     path.write_bytes(path.read_bytes()[:-100])
-    with pytest.raises(FailedPrecondition, match="offsets do not match"):
+    with pytest.raises(FailedPrecondition, match="not a valid safetensors file"):
         _read(store_copy.adapter("a1"), shapes)
 
 

@@ -93,8 +93,8 @@ def _settle(srv: ServerThread, timeout: float = 30) -> None:
     assert engine.blocks.num_free == engine.blocks.num_blocks
     assert not engine.scheduler.running and engine.scheduler.num_waiting == 0
     for row in engine.adapters.describe():
-        assert row["in_flight"] == 0, row
-    assert all(e is None or e.running == 0 for e in engine.adapters._owners)
+        assert row.in_flight == 0, row
+    assert engine.adapters.running_pins() == 0
 
 
 def test_concurrent_streams_with_cancellations_deadlines_and_admin(busy_server) -> None:
