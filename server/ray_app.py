@@ -114,11 +114,8 @@ def make_deployment(config: ServerConfig, replicas: int, num_cpus: float, num_gp
             call.principal = self.guard.admit(grpc_context.invocation_metadata(), admin)
             check_decoded(request)
 
-        def _report(self, grpc_context: Any, call: Any, error: BaseException) -> None:
+        def _report(self, grpc_context: Any, call: Any, error: Exception) -> None:
             """Sets the status of a failed call on Ray's context (the caller re-raises)."""
-            if isinstance(error, asyncio.CancelledError):
-                self.guard.cancelled(call, deadline_passed=False)
-                return
             public = self.guard.fail(call, error)
             grpc_context.set_code(status_code(public))
             grpc_context.set_details(public.message)
@@ -132,7 +129,10 @@ def make_deployment(config: ServerConfig, replicas: int, num_cpus: float, num_gp
                 if not admin:
                     await self._hold_routed_adapter(call)
                 return await getattr(service, name)(request, call)
-            except BaseException as error:
+            except (asyncio.CancelledError, GeneratorExit):
+                self.guard.cancelled(call, deadline_passed=False)  # Ray's proxy dropped the call
+                raise
+            except Exception as error:
                 self._report(grpc_context, call, error)
                 raise
 
@@ -143,7 +143,10 @@ def make_deployment(config: ServerConfig, replicas: int, num_cpus: float, num_gp
                 await self._hold_routed_adapter(call)
                 async for message in getattr(self.inference, name)(request, call):
                     yield message
-            except BaseException as error:
+            except (asyncio.CancelledError, GeneratorExit):
+                self.guard.cancelled(call, deadline_passed=False)  # Ray's proxy dropped the call
+                raise
+            except Exception as error:
                 self._report(grpc_context, call, error)
                 raise
 
