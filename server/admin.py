@@ -1,7 +1,7 @@
 """Adapter administration for any front end: load (and pin), unload, list.
 
 Plain values in and out: adapter ids already checked at the edge (loraserve.guard), and the
-adapter manager's description rows out, which front ends turn into their wire format.
+adapter manager's typed rows (AdapterInfo) out, which front ends turn into their wire format.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from loraserve.adapters.registry import AdapterInfo
 from loraserve.errors import ResourceExhausted
 
 ADMIN_LOAD_TIMEOUT_SECONDS = 120.0
@@ -20,7 +21,7 @@ ADMIN_LOAD_TIMEOUT_SECONDS = 120.0
 class LoadOutcome:
     """An adapter placed in a device slot by an admin load."""
 
-    adapter: Any  # the manager's description row of the adapter
+    adapter: AdapterInfo
     reloaded: bool  # its files had changed: the old version was superseded
     load_seconds: float
 
@@ -45,10 +46,10 @@ class AdapterAdmin:
             ) from None
         return LoadOutcome(result.adapter, result.reloaded, time.perf_counter() - started)
 
-    def unload(self, adapter_id: str) -> Any:
-        """Retires the adapter once its requests finish; returns its row."""
-        entry = self.adapters.unload(adapter_id)
-        return self.adapters.describe_one(entry.adapter_id)
+    def unload(self, adapter_id: str) -> AdapterInfo:
+        """Retires the adapter once its requests finish; returns its row as of now."""
+        self.adapters.unload(adapter_id)
+        return self.adapters.describe_one(adapter_id)
 
-    def list(self, include_disk: bool = False) -> list[Any]:
+    def list(self, include_disk: bool = False) -> list[AdapterInfo]:
         return self.adapters.describe(include_disk=include_disk)

@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Any
 
+from loraserve.adapters.registry import AdapterInfo
 from loraserve.admin import AdapterAdmin
 from loraserve.engine.sequence import FinishReason
 from loraserve.generation import Completion, FinalRecord, GenerationCore, GenerationInput
@@ -142,23 +143,18 @@ class InferenceService:
         )
 
 
-def _field(row: Any, name: str) -> Any:
-    """A field of an adapter description row: a dict today, a typed row (attributes) later."""
-    return row[name] if isinstance(row, dict) else getattr(row, name)
-
-
-def adapter_info(row: Any) -> pb2.AdapterInfo:
+def adapter_info(row: AdapterInfo) -> pb2.AdapterInfo:
     return pb2.AdapterInfo(
-        adapter_id=_field(row, "adapter_id"),
-        state=ADAPTER_STATES[_field(row, "tier")],
-        rank=_field(row, "rank"),
-        target_modules=list(_field(row, "targets")),
-        bytes=_field(row, "bytes"),
-        in_flight_requests=_field(row, "in_flight"),
-        pinned=_field(row, "pinned"),
-        draining=_field(row, "draining"),
-        last_used_unix_seconds=_field(row, "last_used"),
-        slot=_field(row, "slot"),
+        adapter_id=row.adapter_id,
+        state=ADAPTER_STATES[row.tier],
+        rank=row.rank,
+        target_modules=list(row.targets),
+        bytes=row.bytes,
+        in_flight_requests=row.in_flight,
+        pinned=row.pinned,
+        draining=row.draining,
+        last_used_unix_seconds=row.last_used,
+        slot=row.slot,
     )
 
 

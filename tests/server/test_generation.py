@@ -99,5 +99,4 @@ def test_leaving_a_stream_early_releases_its_request(core) -> None:
     assert asyncio.run(first_delta_only()) >= 1
     wait_idle(engine)
     assert engine.in_flight == 0 and engine.blocks.num_free == engine.blocks.num_blocks
-    rows = engine.adapters.describe()
-    assert all((row["in_flight"] if isinstance(row, dict) else row.in_flight) == 0 for row in rows)
+    assert all(row.in_flight == 0 for row in engine.adapters.describe())
