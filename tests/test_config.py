@@ -62,11 +62,24 @@ def test_defaults_match_the_design() -> None:
         ("tls_key_file", "/x.key", "tls_key_file: file not found"),
         ("tenant_weights", {"a": 0}, "tenant_weights['a'] must be > 0"),
         ("adapters_dir", "/no/such/dir", "adapter store directory not found"),
+        ("ray_http_port", 0, "--ray-http-port"),
+        ("ray_dashboard_port", 70000, "--ray-dashboard-port"),
     ],
 )
 def test_invalid_values_name_the_option(field, value, message) -> None:
     with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
         load_config(**{field: value})
+
+
+def test_ray_serve_ports_are_flags_and_env_vars(monkeypatch) -> None:
+    serve_ray = build_parser()._subparsers._group_actions[0].choices["serve-ray"]
+    flags = {opt for action in serve_ray._actions for opt in action.option_strings}
+    ray_flags = {"--ray-http-host", "--ray-http-port", "--ray-dashboard-port", "--ray-metrics-export-port"}
+    assert ray_flags <= flags
+    config = ServerConfig()
+    assert (config.ray_http_host, config.ray_http_port, config.ray_dashboard_port) == ("127.0.0.1", 8000, 0)
+    monkeypatch.setenv("LORASERVE_RAY_HTTP_PORT", "8100")
+    assert load_config().ray_http_port == 8100
 
 
 def test_loopback_detection() -> None:
