@@ -1,0 +1,191 @@
+"""Hostile adapters against a running server (issue 13 §2-§4): each is refused with a clear
+FAILED_PRECONDITION, quickly, without leaking memory, while other tenants' streams keep going."""
+
+from __future__ import annotations
+
+import gc
+import os
+import resource
+import shutil
+import struct
+import threading
+import time
+
+import grpc
+import pytest
+
+from loraserve_client import AdapterRejected, Client
+from loraserve_client.api import loraserve_pb2 as pb2
+from tests.helpers import PROMPTS, ServerThread
+
+WEIGHTS = "adapter_model.safetensors"
+# Exponential backtracking on a module name (no digit at its end) with a backtracking engine.
+BACKTRACKING = r"(?:.|.){0,40}\d"
+# Generous bounds for a shared, noisy 2-core machine. Before the fix the regex attack froze every
+# stream for 4.7 s per attempt (and this pattern for far longer) and the header attack for 13.8 s;
+# the matching budget is now 0.25 s and the header is refused before it is parsed.
+REFUSED_WITHIN_SECONDS = 5.0
+MAX_STREAM_GAP_SECONDS = 3.0
+STREAM_TOKENS = 60
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * resource.getpagesize()
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, value = value & 0x7F, value >> 7
+        out.append(byte | (0x80 if value else 0))
+        if not value:
+            return bytes(out)
+
+
+@pytest.fixture(scope="module")
+def hostile_server(toy, tmp_path_factory):
+    root = tmp_path_factory.mktemp("hostile")
+    store = root / "store"
+    shutil.copytree(toy.store, store)
+    with ServerThread(
+        model=str(toy.base), adapters_dir=store, max_loaded_adapters=4, kv_cache_bytes=8 << 20
+    ) as srv:
+        srv.store, srv.root = store, root
+        yield srv
+
+
+def _plant(srv: ServerThread, adapter_id: str, source: str = "a1"):
+    folder = srv.store / adapter_id
+    shutil.copytree(srv.store / source, folder)
+    return folder
+
+
+def test_requests_for_a_broken_adapter_do_not_grow_memory(hostile_server) -> None:
+    """Each request is padded with a 256 KiB unknown field: before the fix, re-raising the cached
+    error kept every request alive through its traceback (300 × 256 KiB = 75 MiB here)."""
+    folder = _plant(hostile_server, "broken-leak")
+    (folder / WEIGHTS).write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00garbage-header!!")
+    padding = b"\xab" * (256 << 10)
+    request = pb2.GenerateRequest(prompt="o gato", adapter_id="broken-leak").SerializeToString()
+    request += _varint((1000 << 3) | 2) + _varint(len(padding)) + padding
+    with grpc.insecure_channel(hostile_server.target) as channel:
+        generate = channel.unary_unary("/loraserve.v1.Inference/Generate")
+
+        def hammer(times: int) -> None:
+            for _ in range(times):
+                with pytest.raises(grpc.RpcError) as caught:
+                    generate(request, timeout=30)
+                assert caught.value.code() is grpc.StatusCode.FAILED_PRECONDITION
+                assert "not a valid safetensors file" in caught.value.details()
+
+        hammer(30)  # first-use allocations (channel, caches) before measuring
+        gc.collect()
+        before = _rss_bytes()
+        hammer(300)
+        gc.collect()
+        growth = _rss_bytes() - before
+    assert growth < 8 << 20, f"RSS grew {growth / 2**20:.1f} MiB over 300 requests for a broken adapter"
+
+
+def test_an_oversized_sparse_adapter_is_refused_before_reading(hostile_server) -> None:
+    folder = _plant(hostile_server, "huge")
+    with open(folder / WEIGHTS, "r+b") as handle:
+        handle.truncate(3 << 30)  # 3 GiB, sparse: it costs nothing on disk, all of it if read
+    gc.collect()
+    before = _rss_bytes()
+    with Client(hostile_server.target, timeout=60) as client:
+        with pytest.raises(
+            AdapterRejected, match=r"above the server's limit of \d+ bytes.*--max-adapter-bytes"
+        ):
+            client.generate(PROMPTS[0], "huge", max_new_tokens=4)
+        with pytest.raises(AdapterRejected, match="--max-adapter-bytes"):
+            client.load_adapter("huge")
+    assert _rss_bytes() - before < 64 << 20
+
+
+def _stream(
+    target: str, adapter: str, gaps: list[float], tokens: list[int], errors: list[BaseException]
+) -> None:
+    try:
+        with Client(target, timeout=120) as client:
+            last = time.monotonic()
+            for chunk in client.generate_stream(
+                PROMPTS[1], adapter, max_new_tokens=STREAM_TOKENS, ignore_eos=True
+            ):
+                now = time.monotonic()
+                gaps.append(now - last)
+                last = now
+                tokens.extend(chunk.token_ids)
+    except BaseException as error:  # noqa: BLE001 - reported by the test
+        errors.append(error)
+
+
+def _header_bomb(path) -> None:
+    count = 1_200_000
+    entry = '"base_model.model.t{i}.lora_A.weight":{{"dtype":"F32","shape":[1],"data_offsets":[{a},{b}]}}'
+    header = ("{" + ",".join(entry.format(i=i, a=4 * i, b=4 * i + 4) for i in range(count)) + "}").encode()
+    path.write_bytes(struct.pack("<Q", len(header)) + header + b"\0" * (4 * count))
+
+
+def test_regex_and_header_attacks_do_not_stall_other_streams(hostile_server, peft_ref) -> None:
+    import json
+
+    regex_folder = _plant(hostile_server, "evil-regex")
+    config = json.loads((regex_folder / "adapter_config.json").read_text())
+    config["target_modules"] = BACKTRACKING
+    (regex_folder / "adapter_config.json").write_text(json.dumps(config))
+    _header_bomb(_plant(hostile_server, "evil-header") / WEIGHTS)
+
+    victims = ["a1", "a3", "org/a2"]
+    results = {a: ([], [], []) for a in victims}
+    threads = [
+        threading.Thread(target=_stream, args=(hostile_server.target, a, *results[a])) for a in victims
+    ]
+    for thread in threads:
+        thread.start()
+    deadline = time.monotonic() + 60
+    while not all(results[a][1] for a in victims) and time.monotonic() < deadline:
+        time.sleep(0.01)  # every victim is streaming before the attacks
+    with Client(hostile_server.target, timeout=60) as client:
+        for attack, message in (("evil-regex", "too expensive"), ("evil-header", "refused before reading")):
+            for _ in range(3):
+                started = time.monotonic()
+                with pytest.raises(AdapterRejected, match=message):
+                    client.generate(PROMPTS[0], attack, max_new_tokens=4)
+                assert time.monotonic() - started < REFUSED_WITHIN_SECONDS, attack
+        assert client.health() == "SERVING"
+    for thread in threads:
+        thread.join(120)
+    for adapter in victims:
+        gaps, tokens, errors = results[adapter]
+        assert not errors, errors
+        assert tokens == peft_ref.generate(
+            peft_ref.tokenizer(PROMPTS[1])["input_ids"], adapter, STREAM_TOKENS, ignore_eos=True
+        ), adapter
+        assert max(gaps[1:]) < MAX_STREAM_GAP_SECONDS, (adapter, max(gaps[1:]))
+
+
+def test_folder_swapped_for_a_link_before_the_read_is_refused(hostile_server, tmp_path) -> None:
+    """The swap race of issue 13 §4, made deterministic: the folder becomes a link to an adapter
+    outside the store right before the reader opens it."""
+    _plant(hostile_server, "swapped")
+    outside = tmp_path / "outside"
+    shutil.copytree(hostile_server.store / "a5", outside)
+    reader = hostile_server.engine.adapters.reader
+
+    def swap(adapter_id: str) -> None:
+        if adapter_id == "swapped":
+            folder = hostile_server.store / "swapped"
+            folder.rename(tmp_path / "was-swapped")
+            os.symlink(outside, folder)
+
+    reader.before_open = swap
+    try:
+        with Client(hostile_server.target, timeout=60) as client:
+            with pytest.raises(AdapterRejected, match="symbolic link"):
+                client.generate(PROMPTS[0], "swapped", max_new_tokens=4)
+            assert "swapped" not in [a.adapter_id for a in client.list_adapters()]
+            assert len(client.generate(PROMPTS[0], "a1", max_new_tokens=4).token_ids) == 4
+    finally:
+        reader.before_open = None
