@@ -4,7 +4,8 @@ Every RPC of `Inference` and `AdapterAdmin` runs inside `_unary` or `_stream`: t
 (loraserve.guard) admits the call (phase, API key, admin right) and turns failures into public
 errors; this module does only the gRPC side: request ids in trailing metadata, deadlines from
 the context, undecodable requests (wrong types, invalid UTF-8) as INVALID_ARGUMENT, and status
-codes."""
+codes.
+"""
 
 from __future__ import annotations
 
