@@ -23,7 +23,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError
 
 from loraserve.adapters.host_cache import HostCache
 from loraserve.adapters.layer import SlotTable
@@ -220,8 +220,8 @@ class AdapterManager:
     def _read_job(self, entry: AdapterEntry) -> None:
         try:
             opened = self.reader.open(entry.adapter_id)
-        except ServeError as error:
-            self._publish(entry, ReadOutcome(entry.adapter_id, None, failure=Failure.of(error)))
+        except (ServeError, OSError) as error:  # a request waits on this entry: it must leave READING
+            self._publish(entry, ReadOutcome(entry.adapter_id, None, failure=_open_failure(error)))
             return
         with opened:
             self._read_opened(entry, opened)
@@ -236,14 +236,14 @@ class AdapterManager:
         """Reader thread: opens the files, replaces a stale entry, then reads or waits for a slot."""
         try:
             opened = self.reader.open(adapter_id)
-        except ServeError as error:
-            future.set_exception(Failure.of(error).error())
+        except (ServeError, OSError) as error:
+            _settle(future, error=_open_failure(error).error())
             return
         with opened:
             try:
                 entry, read_now = self._admin_entry(adapter_id, opened, pin, future)
             except ServeError as error:
-                future.set_exception(Failure.of(error).error())
+                _settle(future, error=Failure.of(error).error())
                 return
             if read_now:
                 self._read_opened(entry, opened)
@@ -272,7 +272,7 @@ class AdapterManager:
                 entry.admin_pinned = True
             self._touch(entry)
             if entry.state is AdapterState.DEVICE:
-                future.set_result(LoadResult(entry.info(), reloaded))
+                _settle(future, LoadResult(entry.info(), reloaded))
                 return entry, False
             entry.placed.append((future, reloaded))
             if entry not in self._pending:
@@ -412,11 +412,10 @@ class AdapterManager:
 
     def _resolve(self, entry: AdapterEntry, failure: Failure | None) -> None:
         for future, reloaded in entry.placed:
-            if not future.done():
-                if failure is None:
-                    future.set_result(LoadResult(entry.info(), reloaded))
-                else:
-                    future.set_exception(failure.error())
+            if failure is None:
+                _settle(future, LoadResult(entry.info(), reloaded))
+            else:
+                _settle(future, error=failure.error())
         entry.placed.clear()
         if entry in self._pending:
             self._pending.remove(entry)
@@ -429,3 +428,21 @@ class AdapterManager:
         self.metrics.adapter_slots_total.set(self._slots.num_slots)
         self.metrics.adapters_loaded.labels("device").set(used)
         self.metrics.adapters_loaded.labels("host").set(len(self._host))
+
+
+def _settle(future: Future, result: LoadResult | None = None, error: ServeError | None = None) -> None:
+    """Resolves an admin load's future unless its caller gave up on it (timed out, cancelled)."""
+    try:
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)
+    except InvalidStateError:
+        pass
+
+
+def _open_failure(error: ServeError | OSError) -> Failure:
+    if isinstance(error, ServeError):
+        return Failure.of(error)
+    log.exception("adapter files could not be opened", exc_info=error)
+    return Failure.of(Unavailable(f"the adapter store could not be read ({error}); retry"))
