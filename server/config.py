@@ -76,8 +76,9 @@ class ServerConfig(BaseSettings):
     lora_backend: Literal["auto", "torch", "triton"] = Field(
         "auto",
         description="How a step's mixed-adapter LoRA term is computed: torch (padded bmm for decode "
-        "tokens, matmuls per prefill run), triton (fused GPU kernels; not available yet) or auto "
-        "(the best available on the device: torch).",
+        "tokens, matmuls per prefill run), triton (fused grouped Triton kernels; needs CUDA, or "
+        "TRITON_INTERPRET=1 for Triton's CPU interpreter) or auto (triton on CUDA where triton imports, "
+        "else torch).",
     )
 
     # --- engine ----------------------------------------------------------------------------
@@ -197,7 +198,11 @@ class ServerConfig(BaseSettings):
     @classmethod
     def _check_lora_backend(cls, value: str) -> str:
         if value == "triton":
-            raise ValueError("the triton LoRA backend is not available yet; use auto or torch")
+            from loraserve.adapters.lora_backends import triton_unavailable
+
+            reason = triton_unavailable()  # the model's device is checked again when the engine starts
+            if reason is not None:
+                raise ValueError(f"the triton LoRA backend cannot run here: {reason}")
         return value
 
     @field_validator("adapters_dir")

@@ -3,9 +3,10 @@
 `select_lora_backend(name, device)` picks one when the slot table is attached (`--lora-backend`):
 
 - `torch`: padded bmm for decode tokens, a matmul pair per prefill run, split by a cost model;
+- `triton`: two fused grouped Triton kernels (shrink, expand-and-add) on CUDA, or on CPU tensors
+  under Triton's interpreter (TRITON_INTERPRET=1, for tests);
 - `reference`: the naive per-token loop, for tests;
-- `auto`: the best available on the device (today `torch`; a fused Triton kernel on CUDA is the
-  planned next backend, behind the same `plan` / `apply` seam of `base.LoRABackend`).
+- `auto`: `triton` on a CUDA device where triton imports, `torch` otherwise.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import torch
 from loraserve.adapters.lora_backends.base import LoRABackend, LoRAPlan, SlotGroups
 from loraserve.adapters.lora_backends.reference import ReferenceBackend, lora_reference
 from loraserve.adapters.lora_backends.torch_backend import TorchBackend, TorchPlan
+from loraserve.adapters.lora_backends.triton_backend import TritonBackend, TritonPlan, triton_unavailable
 
 __all__ = [
     "BACKENDS",
@@ -24,8 +26,11 @@ __all__ = [
     "SlotGroups",
     "TorchBackend",
     "TorchPlan",
+    "TritonBackend",
+    "TritonPlan",
     "lora_reference",
     "select_lora_backend",
+    "triton_unavailable",
 ]
 
 BACKENDS: dict[str, type[LoRABackend]] = {cls.name: cls for cls in (TorchBackend, ReferenceBackend)}
@@ -34,9 +39,14 @@ BACKENDS: dict[str, type[LoRABackend]] = {cls.name: cls for cls in (TorchBackend
 def select_lora_backend(name: str, device: torch.device) -> LoRABackend:
     """The backend called `name` (or `auto`) for `device`; ValueError for one that cannot run here."""
     if name == "auto":
+        if device.type == "cuda" and triton_unavailable(device) is None:
+            return TritonBackend(device)
         return TorchBackend(device)
     if name == "triton":
-        raise ValueError("the triton LoRA backend is not available yet; use auto or torch")
+        reason = triton_unavailable(device)
+        if reason is not None:
+            raise ValueError(f"the triton LoRA backend cannot run here: {reason}")
+        return TritonBackend(device)
     if name not in BACKENDS:
-        raise ValueError(f"unknown LoRA backend {name!r}; expected auto, {', '.join(BACKENDS)}")
+        raise ValueError(f"unknown LoRA backend {name!r}; expected auto, triton, {', '.join(BACKENDS)}")
     return BACKENDS[name](device)
