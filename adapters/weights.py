@@ -128,11 +128,16 @@ class ReadLimits:
         return self.max_adapter_bytes or default_max_adapter_bytes(self.base_modules, self.max_rank)
 
 
-def default_max_adapter_bytes(base_modules: dict[str, tuple[int, int]], max_rank: int) -> int:
-    """The largest valid adapter file: every module at max_rank, 8-byte elements, a full header."""
-    data = sum(max_rank * (i + o) for i, o in base_modules.values()) * MAX_ELEMENT_BYTES
+def implied_adapter_bytes(base_modules: dict[str, tuple[int, int]], rank: int) -> int:
+    """The largest valid file of an adapter of this rank: every module, 8-byte elements, a full header."""
+    data = sum(rank * (i + o) for i, o in base_modules.values()) * MAX_ELEMENT_BYTES
     header = HEADER_SLACK_BYTES + HEADER_BYTES_PER_TENSOR * (2 * len(base_modules) + TENSOR_SLACK)
     return 8 + header + data
+
+
+def default_max_adapter_bytes(base_modules: dict[str, tuple[int, int]], max_rank: int) -> int:
+    """--max-adapter-bytes when not set: the largest valid adapter at the server's max rank."""
+    return implied_adapter_bytes(base_modules, max_rank)
 
 
 def max_abs_weight_for(compute_dtype: torch.dtype) -> float:
@@ -162,8 +167,7 @@ def _check_size(
             "(--max-adapter-bytes); refused before reading"
         )
     rank = max([config.max_rank, *(spec.rank for spec in plan.values())])
-    implied = sum(rank * (i + o) for i, o in limits.base_modules.values()) * MAX_ELEMENT_BYTES
-    implied += 8 + limits.max_header_bytes
+    implied = implied_adapter_bytes(limits.base_modules, rank)
     if size > implied:
         raise FailedPrecondition(
             f"{WEIGHTS_FILE} is {size} bytes, more than adapter_config.json allows (at most {implied} "
