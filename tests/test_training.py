@@ -212,3 +212,36 @@ def test_an_unreadable_model_is_reported_as_permission_denied(toy, tmp_path: Pat
     )
     assert "mode 0600" in run.stdout or "mode 0000" in run.stdout
     assert "No such file" not in run.stdout
+
+
+@pytest.mark.parametrize("private", ["weights file", "adapter folder"])
+def test_an_unreadable_adapter_is_reported_as_permission_denied(toy, tmp_path: Path, private: str) -> None:
+    """The store's reader names the cause (as FAILED_PRECONDITION), never 'not found'."""
+    store = tmp_path / "store"
+    shutil.copytree(toy.store / "a1", store / "a1")
+    path = store / "a1" / "adapter_model.safetensors" if private == "weights file" else store / "a1"
+    path.chmod(0o600 if path.is_file() else 0o700)
+    if os.geteuid() == 0:
+        os.chown(path, 65534, 65534)  # another user's private file or folder, as a host user's is
+    else:
+        path.chmod(0o000)
+    code = (
+        "import sys\n"
+        "from loraserve.adapters.store import AdapterStore\n"
+        "from loraserve.errors import ServeError\n"
+        "try:\n"
+        "    AdapterStore(sys.argv[1]).open('a1')\n"
+        "except ServeError as error:\n"
+        "    print(error.code, error.message)\n"
+    )
+    run = subprocess.run(
+        [sys.executable, "-c", code, str(store)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        preexec_fn=_without_permission_override if os.geteuid() == 0 else None,
+    )
+    path.chmod(0o755)  # lets pytest remove the folder afterwards
+    assert run.stdout.startswith("FAILED_PRECONDITION") and "permission denied" in run.stdout, (
+        run.stdout + run.stderr[-2000:]
+    )
