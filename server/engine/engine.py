@@ -350,15 +350,21 @@ class Engine:
         sampled = [item.seq for item in batch if item.samples]
         if not sampled:
             return []
-        return sample(
-            logits,
-            [s.request.sampling for s in sampled],
-            [s.generator for s in sampled],
-            [
-                s.prompt_ids + s.output_ids if s.request.sampling.repetition_penalty != 1.0 else []
-                for s in sampled
-            ],
-        )
+        try:
+            return sample(
+                logits,
+                [s.request.sampling for s in sampled],
+                [s.generator for s in sampled],
+                [
+                    s.prompt_ids + s.output_ids if s.request.sampling.repetition_penalty != 1.0 else []
+                    for s in sampled
+                ],
+            )
+        except Exception as error:
+            # The sampler isolates bad rows itself; this is the net under it: the sampling rows
+            # fail, while the prompt chunks of the batch still advance.
+            log.exception("sampling failed for %d requests", len(sampled))
+            return [InternalError(f"sampling failed: {error}") for _ in sampled]
 
     def _postprocess(self, batch: list[ScheduledSeq], results: list[int | ServeError]) -> None:
         """Advances each sequence by what the step computed and emits its token, or ends it.

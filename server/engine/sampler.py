@@ -103,6 +103,7 @@ def _sample_batch(
     for row, ok in enumerate(finite):
         if not ok:
             results[row] = InternalError("the model produced non-finite logits for this request")
+    usable = finite
     penalties = [p.repetition_penalty for p in params]
     if any(p != 1.0 for p in penalties):
         logits = logits.clone()
@@ -110,7 +111,7 @@ def _sample_batch(
         # A tiny penalty can overflow a large logit to inf; inf - inf would be NaN downstream.
         limit = torch.finfo(logits.dtype).max
         logits = logits.clamp(-limit, limit)
-    usable = (~torch.isnan(logits).any(dim=-1)).tolist()  # [B]: NaN only from NaN parameters here
+        usable = (~torch.isnan(logits).any(dim=-1)).tolist()  # [B]: NaN now only from a NaN penalty
     chosen = logits.argmax(dim=-1).tolist()
     sampled_rows = []
     for row, p in enumerate(params):
