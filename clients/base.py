@@ -29,11 +29,12 @@ RETRIED_SERVICES = ("loraserve.v1.Inference", "loraserve.v1.AdapterAdmin", "grpc
 def retry_service_config(retries: int, backoff: float, max_backoff: float) -> str:
     """The channel's service config: retry on UNAVAILABLE only, with jittered exponential backoff.
 
-    gRPC does the retrying itself (its `retryPolicy`): the n-th retry waits a random time in
-    [0, min(backoff * 2**(n-1), max_backoff)], the same full-jitter backoff this client once
-    wrote out twice (sync and asyncio). gRPC also knows what a hand-written loop cannot: a call
-    is retried only until it is committed, that is until the server has sent response headers
-    or a message, so a stream that has started yielding text is never replayed.
+    gRPC does the retrying itself (its `retryPolicy`, the same for the sync and asyncio
+    channels), which replaces the two hand-written loops this client had: the n-th retry waits
+    about min(backoff * 2**(n-1), max_backoff), jittered by gRPC so that clients that failed
+    together do not retry together. gRPC also knows what a loop around the call cannot see: a
+    call is retried only until it is committed, that is until the server has sent response
+    headers or a message, so a stream that has started yielding text is never replayed.
     """
     return json.dumps(
         {
