@@ -10,8 +10,11 @@ change.
 "Row" here is a KV cache row (block * block_size + offset); adapter slots are another thing,
 and only the LoRA layers see them.
 
-Batch layout: the runner flattens all sequences' new tokens into one row [1, T]; decode
-tokens (one per sequence) are attended in one padded SDPA call, prefill chunks one by one.
+Batch layout: the runner flattens all sequences' new tokens into one row [1, T]. On CUDA (where
+triton imports) the step goes to `loraserve.engine.paged_attention`: one Triton kernel reads K/V
+through the row tables, decode tokens in one launch and all prefill chunks in another. Elsewhere,
+and as that kernel's reference: decode tokens are attended in one padded SDPA call over their
+gathered context, prefill chunks one by one.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from loraserve.engine.paged_attention import PagedPlan, build_plan, kernel_available, triton_paged_attention
 from loraserve.forward_context import current_forward_context
 
 ATTENTION_NAME = "loraserve_paged"
@@ -49,6 +53,13 @@ class AttentionMetadata:
     decode_mask: torch.Tensor | None = None  # [Bd, 1, 1, max_ctx] True where attended
     prefills: list[PrefillChunk] = field(default_factory=list)
     _window_masks: dict[int, torch.Tensor] = field(default_factory=dict)
+    _paged_plan: PagedPlan | None = None  # the Triton kernel's launches, built by the first layer
+
+    def paged_plan(self) -> PagedPlan:
+        """The step's launches of the paged-attention kernel, built once and shared by all layers."""
+        if self._paged_plan is None:
+            self._paged_plan = build_plan(self)
+        return self._paged_plan
 
     def decode_mask_for(self, window: int | None) -> torch.Tensor:
         """The decode mask, narrowed to the last `window` keys for sliding-window layers."""
@@ -100,6 +111,9 @@ def paged_attention_forward(
     v_cache.index_copy_(0, meta.cache_rows, new_v.to(v_cache.dtype))
 
     q = query[0]  # [H, T, D]
+    if kernel_available(q.device.type):  # CUDA: no per-step copy of the context
+        out = triton_paged_attention(meta.paged_plan(), q, k_cache, v_cache, scaling, sliding_window)
+        return out.unsqueeze(0), None
     num_tokens = q.shape[1]
     out = q.new_empty(num_tokens, q.shape[0], q.shape[2])  # [T, H, D]
 

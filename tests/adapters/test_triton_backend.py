@@ -1,0 +1,108 @@
+"""The `triton` LoRA backend: its kernels against the `reference` backend, and how it is chosen.
+
+On CPU the kernels run in Triton's interpreter, which must be chosen before triton is first
+imported: one subprocess (`python -m tests.triton_cases lora`) runs every case and each test below
+reads its own result, so the rest of the suite's process never imports triton in interpreter mode.
+On a CUDA machine the same cases also run compiled, in-process (marked `gpu`).
+
+Cases (tests/triton_cases.py): mixed ranks across two rank tiles, empty slots, base-only tokens,
+unsorted and split runs, T=1, a prefill longer than one token block next to decodes, the split-K
+shrink; in float32 and bfloat16 with per-dtype tolerances against float64.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from loraserve.adapters.lora_backends import TorchBackend, select_lora_backend, triton_unavailable
+from loraserve.config import ConfigError, load_config
+from tests.triton_cases import cases, run_case
+
+ROOT = Path(__file__).resolve().parents[2]
+LORA_CASES = sorted(name for name in cases() if name.startswith("lora "))
+CPU = torch.device("cpu")
+
+
+def interpreter_results(prefix: str) -> dict[str, str | None]:
+    """Runs the cases named PREFIX... under Triton's interpreter in a subprocess: {case: None | error}."""
+    run = subprocess.run(
+        [sys.executable, "-m", "tests.triton_cases", prefix],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env={**os.environ, "TRITON_INTERPRET": "1"},
+    )
+    assert run.returncode == 0, run.stderr[-4000:]
+    return json.loads(run.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def interpreted() -> dict[str, str | None]:
+    pytest.importorskip("triton")
+    return interpreter_results("lora ")
+
+
+@pytest.mark.parametrize("name", LORA_CASES)
+def test_kernels_match_the_reference_in_the_interpreter(interpreted, name: str) -> None:
+    assert name in interpreted, f"the worker did not run {name!r}"
+    assert interpreted[name] is None, interpreted[name]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", LORA_CASES)
+def test_kernels_match_the_reference_on_cuda(name: str) -> None:
+    pytest.importorskip("triton")
+    run_case(name, torch.device("cuda"))
+
+
+def test_interpreter_selection(interpreted) -> None:
+    """Under TRITON_INTERPRET=1, `triton` may be forced on CPU; `auto` stays `torch` off CUDA."""
+    script = (
+        "import torch\n"
+        "from loraserve.adapters.lora_backends import select_lora_backend\n"
+        "cpu = torch.device('cpu')\n"
+        "print(select_lora_backend('triton', cpu).name, select_lora_backend('auto', cpu).name)\n"
+    )
+    run = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "TRITON_INTERPRET": "1"},
+    )
+    assert run.returncode == 0, run.stderr[-4000:]
+    assert run.stdout.split() == ["triton", "torch"]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_forcing_triton_without_cuda_is_a_config_error(monkeypatch) -> None:
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert isinstance(select_lora_backend("auto", CPU), TorchBackend)
+    reason = triton_unavailable(CPU)
+    assert reason is not None
+    with pytest.raises(ValueError, match=r"^the triton LoRA backend cannot run here: "):
+        select_lora_backend("triton", CPU)
+    message = r"^--lora-backend: the triton LoRA backend cannot run here: "
+    with pytest.raises(ConfigError, match=message) as error:
+        load_config(lora_backend="triton")
+    assert "\n" not in str(error.value)
+    if importlib.util.find_spec("triton") is not None:  # (triton is imported by now, not interpreted)
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+        assert triton_unavailable(CPU) is None
+        assert load_config(lora_backend="triton").lora_backend == "triton"
+
+
+@pytest.mark.gpu
+def test_auto_picks_triton_on_cuda() -> None:
+    pytest.importorskip("triton")
+    assert select_lora_backend("auto", torch.device("cuda")).name == "triton"
