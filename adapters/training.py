@@ -19,6 +19,7 @@ import random
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -240,9 +241,11 @@ def optimize(
     bar: Any,
     device: Any,
     window: int = 10,
+    on_step: Callable[[int, float], None] | None = None,
 ) -> list[float]:
     """The optimisation loop shared by adapter training and the demo's pretraining: one step per
-    batch (clipped at norm 1), the progress bar showing the mean loss of the last `window`."""
+    batch (clipped at norm 1), the progress bar showing the mean loss of the last `window`;
+    `on_step(steps done, loss)` after each step (the demo's background trainer reports progress)."""
     losses: list[float] = []
     for _ in range(steps):
         ids, labels, mask = (t.to(device) for t in next(batches))
@@ -255,6 +258,8 @@ def optimize(
         losses.append(round(loss.item(), 4))
         bar.set_postfix(loss=f"{sum(losses[-window:]) / len(losses[-window:]):.3f}")
         bar.update()
+        if on_step is not None:
+            on_step(len(losses), losses[-1])
     return losses
 
 
@@ -270,8 +275,14 @@ def data_hash(*paths: Path | None) -> str:
     return digest.hexdigest()
 
 
-def train(config: TrainConfig, base_model: Any = None, tokenizer: Any = None) -> TrainResult:
-    """Trains one adapter and writes it into the store. `base_model` may be passed pre-loaded."""
+def train(
+    config: TrainConfig,
+    base_model: Any = None,
+    tokenizer: Any = None,
+    on_step: Callable[[int, float], None] | None = None,
+) -> TrainResult:
+    """Trains one adapter and writes it into the store. `base_model` may be passed pre-loaded;
+    `on_step(steps done, loss)` is called after each optimizer step."""
     try:
         validate_adapter_id(config.adapter_id)
     except InvalidArgument as error:
@@ -325,7 +336,7 @@ def train(config: TrainConfig, base_model: Any = None, tokenizer: Any = None) ->
     batches = padded_batches(encoded, batch_size, tokenizer.pad_token_id, random.Random(config.seed))
     model.train()
     with tqdm(total=steps, disable=config.quiet, desc=f"train {config.adapter_id}", unit="step") as bar:
-        losses = optimize(model, params, batches, optimizer, schedule, steps, bar, device)
+        losses = optimize(model, params, batches, optimizer, schedule, steps, bar, device, on_step=on_step)
     score, samples = exact_match(model, tokenizer, eval_set, config.eval_max_new_tokens)
     seconds = time.perf_counter() - started
     result = TrainResult(target, steps, seconds, losses, score if eval_set else None, len(eval_set), samples)
