@@ -31,6 +31,16 @@ SHAPES = {
         "max_position_embeddings": 2048,
         "vocab_size": 32000,
     },
+    # About 1.1B parameters, Llama-3.2-1B's shape with a 32000-token vocabulary (scripts/gpu_check.sh).
+    "1b": {
+        "hidden_size": 2048,
+        "intermediate_size": 8192,
+        "num_hidden_layers": 16,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 8,
+        "max_position_embeddings": 2048,
+        "vocab_size": 32000,
+    },
     "tiny": {
         "hidden_size": 64,
         "intermediate_size": 128,

@@ -27,9 +27,10 @@ def add_bench_flags(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--model-size",
-        choices=["bench", "tiny"],
+        choices=["bench", "1b", "tiny"],
         default="bench",
-        help="bench: the bench model (Llama, hidden 768, 8 layers); tiny: a toy model for smoke tests",
+        help="bench: the bench model (Llama, hidden 768, 8 layers); 1b: a Llama of ~1.1B parameters "
+        "(hidden 2048, 16 layers; for a GPU, scripts/gpu_check.sh); tiny: a toy model for smoke tests",
     )
     parser.add_argument(
         "--work-dir",

@@ -72,7 +72,7 @@ class Bench:
             "seed": a.seed,
         }
         fields.update(overrides)
-        vocab = 30000 if a.model_size == "bench" else 360
+        vocab = 360 if a.model_size == "tiny" else 30000
         spec = WorkloadSpec(vocab=(10, vocab), **fields)
         needs_text = "grpc" in self.systems() or a.target
         return make_workload(spec, self.decode if needs_text else None)
