@@ -175,8 +175,8 @@ def _check_size(
         )
 
 
-def _read_tensors(opened: OpenedAdapter, limits: ReadLimits) -> list[tuple[str, dict]]:
-    """The file's tensors (name, {dtype, shape, data}), after bounding the header."""
+def _read_tensors(opened: OpenedAdapter, limits: ReadLimits) -> tuple[list[tuple[str, dict]], memoryview]:
+    """The file's tensors (name, {dtype, shape, data}) and its data section, after bounding the header."""
     size = opened.weights_size
     if size < 8:
         raise _bad("shorter than its header")
@@ -198,26 +198,46 @@ def _read_tensors(opened: OpenedAdapter, limits: ReadLimits) -> list[tuple[str, 
         )
     data = read_exactly(opened.weights_fd, 0, size, WEIGHTS_FILE)
     try:
-        return safetensors.deserialize(data)
+        return safetensors.deserialize(data), memoryview(data)[8 + header_len :]
     except (safetensors.SafetensorError, ValueError, OverflowError) as error:
         raise _bad(str(error).removeprefix("Error while deserializing: ")) from None
 
 
-def _as_tensor(key: str, info: dict, max_abs: float, scale: float) -> torch.Tensor:
+def _peak_bits(data: bytes | memoryview, dtype: str) -> int:
+    """The largest |w| of the buffer, as its sign-stripped bits: IEEE 754 orders magnitudes like
+    these integers, so this is one integer pass with no float temporaries (and NaN/inf sort last)."""
+    _, uint, mask, _ = DTYPES[dtype]
+    return int(np.bitwise_and(np.frombuffer(data, dtype=uint), uint(mask)).max())
+
+
+def _all_within(tensors: list[tuple[str, dict]], body: memoryview, max_abs: float) -> bool:
+    """One pass over the whole data section when every tensor has one supported dtype: True when
+    every weight is finite and at most `max_abs` (then no tensor needs its own pass)."""
+    dtypes = {info["dtype"] for _, info in tensors}
+    if len(dtypes) != 1 or not len(body):
+        return False
+    (dtype,) = dtypes
+    if dtype not in DTYPES:
+        return False
+    peak = _peak_bits(body, dtype)
+    return peak < DTYPES[dtype][3] and _bits_to_float(peak, dtype) <= max_abs
+
+
+def _as_tensor(key: str, info: dict, max_abs: float, scale: float, check: bool = True) -> torch.Tensor:
     """A zero-copy torch view of one tensor's bytes, after checking its magnitude (numpy, raw bits)."""
     dtype = info["dtype"]
     if dtype not in DTYPES:
         raise FailedPrecondition(
             f"tensor {key}: dtype {dtype} is not supported (LoRA weights must be F16, BF16, F32 or F64)"
         )
-    torch_dtype, uint, mask, non_finite = DTYPES[dtype]
+    torch_dtype, _, _, non_finite = DTYPES[dtype]
     data = info["data"]
     shape = list(info["shape"])
     if not data:
         return torch.empty(shape, dtype=torch_dtype)
-    bits = np.frombuffer(data, dtype=uint)
-    # |w| ordered as its sign-stripped bits (IEEE 754): one integer pass, no float temporaries.
-    peak_bits = int(np.bitwise_and(bits, uint(mask)).max())
+    if not check:
+        return torch.frombuffer(data, dtype=torch_dtype).view(shape)
+    peak_bits = _peak_bits(data, dtype)
     if peak_bits >= non_finite:
         raise FailedPrecondition(f"tensor {key}: LoRA weights contain NaN or infinity")
     peak = _bits_to_float(peak_bits, dtype) * scale
@@ -242,7 +262,7 @@ def read_adapter(opened: OpenedAdapter, limits: ReadLimits) -> AdapterWeights:
     config = parse_adapter_config_bytes(opened.read_config())
     plan = resolve_modules(config, limits.base_modules)
     _check_size(opened.weights_size, config, plan, limits)
-    tensors = _read_tensors(opened, limits)
+    tensors, body = _read_tensors(opened, limits)
     if not tensors:
         raise FailedPrecondition(f"{WEIGHTS_FILE} holds no tensors")
     factors: dict[str, dict[str, tuple[str, dict]]] = {}
@@ -266,7 +286,7 @@ def read_adapter(opened: OpenedAdapter, limits: ReadLimits) -> AdapterWeights:
             )
         factors.setdefault(module, {})[kind] = (key, info)
 
-    modules: dict[str, ModuleLoRA] = {}
+    checked: dict[str, tuple[tuple[str, dict], tuple[str, dict], float]] = {}
     for module, pair in sorted(factors.items()):
         if set(pair) != {"A", "B"}:
             missing = "lora_B" if "A" in pair else "lora_A"
@@ -291,12 +311,19 @@ def read_adapter(opened: OpenedAdapter, limits: ReadLimits) -> AdapterWeights:
             raise FailedPrecondition(
                 f"module {module}: rank {rank} is above the server's max_lora_rank {limits.max_rank}"
             )
-        scale = config.scale(spec.alpha, rank)
-        modules[module] = ModuleLoRA(
-            a=_as_tensor(a_key, a, limits.max_abs_weight, 1.0),
-            b=_as_tensor(b_key, b, limits.max_abs_weight, scale),
+        checked[module] = ((a_key, a), (b_key, b), config.scale(spec.alpha, rank))
+    # The magnitude bound applies to A and to B times its scale: one pass over the whole file
+    # against the strictest form of it, and per tensor (to name the culprit) only if that fails.
+    max_scale = max([1.0, *(abs(scale) for _, _, scale in checked.values())])
+    check = not _all_within(tensors, body, limits.max_abs_weight / max_scale)
+    modules = {
+        module: ModuleLoRA(
+            a=_as_tensor(a_key, a, limits.max_abs_weight, 1.0, check),
+            b=_as_tensor(b_key, b, limits.max_abs_weight, scale, check),
             scale=scale,
         )
+        for module, ((a_key, a), (b_key, b), scale) in checked.items()
+    }
     if not modules:
         raise FailedPrecondition("the adapter adapts no module")
     return AdapterWeights(modules=modules, config=config)
