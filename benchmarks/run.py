@@ -6,7 +6,7 @@ Scenarios (on the bench model of loraserve.benchmarks.models unless --model-size
 - poisson: Poisson arrivals, power-law popularity over N adapters, variable lengths, against
   PEFT generate(adapter_names=...) static batching (goal: >= 5x throughput), TTFT/ITL reported;
 - overhead: the engine on the base model against a bare batched forward loop (goal: >= 0.9x);
-- adapter-load: disk -> device slot time of one adapter, p50, against PEFT load_adapter (goal: >= 10x);
+- adapter-load: LoadAdapter over gRPC, disk -> device slot, p50, against PEFT load_adapter (goal: >= 10x);
 - sweep: throughput as the adapter count grows past the device slots;
 - custom: the workload given by the flags, on the systems given by --systems.
 """
