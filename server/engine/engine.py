@@ -199,15 +199,24 @@ class Engine:
                 StopChecker(request.stopping.stop_sequences),
             )
         except BaseException:
-            # Refused before it was queued: undo what was taken, so nothing stays counted.
-            if entry is not None:
-                self.adapters.release(entry)
-            self.admission.leave(tenant)
+            self._undo_submit(tenant, entry)
             raise
         with self._lock:
-            self._inbox.append(seq)
+            # Checked again under the lock that shutdown takes: past it, shutdown drains the inbox.
+            stopping = self._stopping
+            if not stopping:
+                self._inbox.append(seq)
+        if stopping:
+            self._undo_submit(tenant, entry)
+            raise Unavailable("the engine is shutting down")
         self.wake()
         return seq
+
+    def _undo_submit(self, tenant: str, entry: Any) -> None:
+        """Refused before it was queued: gives back what submit took, so nothing stays counted."""
+        if entry is not None:
+            self.adapters.release(entry)
+        self.admission.leave(tenant)
 
     def abort(
         self, seq: Sequence, reason: FinishReason = FinishReason.CANCELLED, error: ServeError | None = None
@@ -264,7 +273,8 @@ class Engine:
 
     def shutdown(self, timeout: float = 10.0) -> None:
         """Stops the loop; requests still in flight end with UNAVAILABLE."""
-        self._stopping = True
+        with self._lock:
+            self._stopping = True
         self.wake()
         if self._thread is not None:
             self._thread.join(timeout)

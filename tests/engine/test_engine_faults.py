@@ -17,7 +17,7 @@ from loraserve.engine.engine import Engine
 from loraserve.engine.kv_cache import BlockManager
 from loraserve.engine.scheduler import Scheduler
 from loraserve.engine.sequence import FinishReason, GenerationRequest, SamplingParams, Sequence
-from loraserve.errors import InternalError, InvalidArgument
+from loraserve.errors import InternalError, InvalidArgument, Unavailable
 from tests.engine.conftest import Driver, Outcome
 from tests.helpers import PROMPTS
 
@@ -29,7 +29,7 @@ def assert_nothing_held(engine: Engine) -> None:
     assert engine.blocks.num_free == engine.blocks.num_blocks
     for row in engine.adapters.describe():
         assert row.in_flight == 0, row
-    # Pins: sequences in the running batch hold their adapter's slot (the manager's owner table).
+    # Pins: each sequence in the running batch holds its adapter's slot.
     assert engine.adapters.running_pins() == 0
 
 
@@ -195,3 +195,15 @@ def test_a_sequence_with_nothing_to_compute_is_failed_not_skipped() -> None:
     assert [item.seq for item in batch] == [seqs[1]]
     assert [seq for seq, _ in failed] == [stuck]
     assert isinstance(failed[0][1], InternalError) and "no token left to compute" in failed[0][1].message
+
+
+def test_a_request_after_shutdown_is_refused_and_nothing_stays_counted(make_driver) -> None:
+    driver = make_driver()
+    running = driver.submit(PROMPTS[0], "a1", 50, ignore_eos=True)[1]
+    driver.engine.step()
+    driver.engine.shutdown()
+    assert running.finish_reason is FinishReason.ERROR
+    assert isinstance(running.outputs[-1].error, Unavailable)
+    with pytest.raises(Unavailable):
+        driver.submit(PROMPTS[1], "", 4)
+    assert_nothing_held(driver.engine)

@@ -83,7 +83,7 @@ def _check_nothing_held(srv: ServerThread, timeout: float = 30) -> None:
     assert not engine.scheduler.running and engine.scheduler.num_waiting == 0
     for row in engine.adapters.describe():
         assert row.in_flight == 0, row
-    # Pins: sequences in the running batch hold their adapter's slot (the manager's owner table).
+    # Pins: each sequence in the running batch holds its adapter's slot.
     assert engine.adapters.running_pins() == 0
     assert srv.metrics.registry.get_sample_value("loraserve_requests_running") == 0
 
