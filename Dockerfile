@@ -6,6 +6,9 @@
 #     -e LORASERVE_MODEL=/models/base -e LORASERVE_ADAPTERS_DIR=/adapters \
 #     -e LORASERVE_API_KEYS_FILE=/etc/loraserve/keys.toml loraserve
 #
+# The server runs as uid 10001: mounted models and adapters must be readable by other users
+# (loraserve train and loraserve demo write them so; else chmod -R a+rX), or it names the
+# file it may not read ("permission denied").
 # The container binds 0.0.0.0, so the server refuses to start without API keys unless
 # LORASERVE_ALLOW_UNAUTHENTICATED_REMOTE=true is set explicitly. With no LORASERVE_MODEL it
 # builds and serves the demo model (a few minutes on first start, cached in the volume below).
