@@ -66,9 +66,12 @@ def test_dockerignore_leaves_out_nested_build_output() -> None:
 
 def test_wheel_holds_only_the_declared_packages(tmp_path) -> None:
     """A stray build copy left by `pip install ./clients` must not end up in the server's wheel."""
-    source = tmp_path / "src"
+    source = tmp_path / "src"  # the source tree as a fresh clone plus new files would have it
     tracked = subprocess.run(
-        ["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, check=True
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        cwd=ROOT,
+        capture_output=True,
+        check=True,
     ).stdout.decode()
     for name in filter(None, tracked.split("\0")):
         if (ROOT / name).is_file():
