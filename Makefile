@@ -29,10 +29,10 @@ $(STAMP): pyproject.toml | $(BIN)/python
 
 install: $(STAMP)
 
-# Builds the demo model and adapters on first run (cached), then serves them on
-# 127.0.0.1:50051 (gRPC) with metrics on 127.0.0.1:9090/metrics.
+# Serves the default model (SmolLM2-135M-Instruct, NF4) on 127.0.0.1:50051 (gRPC) with metrics
+# on 127.0.0.1:9090/metrics as soon as it is loaded; on a first run the demo adapters train in
+# the background, one after another, each served the moment it is written (cached afterwards).
 serve: install
-	$(BIN)/loraserve demo
 	$(BIN)/loraserve serve
 
 demo: install

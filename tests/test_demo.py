@@ -1,4 +1,5 @@
-"""The demo build: adapters that clearly beat the base, served by `loraserve serve` with no --model."""
+"""The from-scratch toy demo (`loraserve demo --toy`, kept for the tests): adapters that clearly beat
+the base model, served with its model and adapter store."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ def demo():
     """`loraserve demo` in its own process (the build is tensor work: alone, it is not slowed by
     this test process's other threads), cached under the user cache dir: built once per machine."""
     run = subprocess.run(
-        [sys.executable, "-m", "loraserve.cli", "demo", "--json"],
+        [sys.executable, "-m", "loraserve.cli", "demo", "--toy", "--json"],
         capture_output=True,
         text=True,
         timeout=1800,
@@ -31,8 +32,13 @@ def demo():
 
 @pytest.fixture(scope="module")
 def demo_client(demo):
-    # No model configured: the server serves the demo build (what `make serve` does).
-    with ServerThread(model=None, kv_cache_bytes=8 << 20) as srv, Client(srv.target) as client:
+    # The from-scratch toy demo (`loraserve demo --toy`): `make serve` serves the real model.
+    with (
+        ServerThread(
+            model=str(demo.model_dir), adapters_dir=str(demo.adapters_dir), kv_cache_bytes=8 << 20
+        ) as srv,
+        Client(srv.target) as client,
+    ):
         yield client
 
 

@@ -24,3 +24,13 @@ def add_demo_flags(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--force", action="store_true", help="rebuild even if a cached build exists")
     parser.add_argument("--json", action="store_true", help="print the build's paths and scores as JSON")
+    parser.add_argument(
+        "--toy",
+        action="store_true",
+        help="build the small from-scratch demo model and its adapters instead (used by the tests)",
+    )
+    parser.add_argument(
+        "--background",
+        action="store_true",
+        help="train as the server's child on a first run: progress lines, lower CPU priority",
+    )
