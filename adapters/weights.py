@@ -3,23 +3,24 @@
 The result holds, per adapted base module, `a` [r, in] and `b` [out, r] as zero-copy views of
 the file's bytes in their stored dtype, and the module's LoRA scale. This runs on adapter-load
 worker threads, so it does no torch arithmetic (that would start a second OpenMP thread team
-beside the engine's and slow every engine step): the magnitude check below is numpy on the raw
-bits, and dtype conversion, scaling and the finiteness check of the copy happen while copying
-into a device slot (adapters.layer.SlotTable.set_slot), on the engine's thread.
+beside the engine's and slow every engine step): the finiteness and magnitude checks below are
+numpy on the raw bits, and dtype conversion and scaling happen while copying into a device slot
+(adapters.layer.SlotTable.set_slot, which checks finiteness again), on the engine's thread.
 
 Bounds, all checked from the file's size and header before its data is read:
 - the file is at most `ReadLimits.max_adapter_bytes` and at most what its config implies (every
-  module it may target at the config's highest rank, 8 bytes per element, plus the header);
+  adaptable module of the base at the config's highest rank, 8 bytes per element, plus a header);
 - the header is at most `HEADER_BYTES_PER_TENSOR` per possible tensor (2 × adaptable modules,
   plus a small slack), and holds at most that many tensors, so a crafted header with a million
   entries is refused before it is parsed.
 
 Parsing is the `safetensors` package's (`safetensors.deserialize`: bounds-checked header, shapes,
 offsets that cover the data exactly). Not `safe_open(..., framework="numpy")`: numpy has no
-bfloat16, so it cannot return the BF16 tensors most adapters are saved in; and it maps the file
-by path, while the store hands us a descriptor opened without following links, and a file
-truncated under a live mapping raises SIGBUS in the server. We read the (bounded) file once
-with pread instead and hand the bytes to the library.
+bfloat16, so it refuses the BF16 tensors many adapters (and the bench's) are saved in ("data
+type 'bfloat16' not understood"); and it maps the file by path, while the store hands us a
+descriptor opened without following links. Nor a lazy mmap of our own: a file truncated or
+rewritten under a live mapping (replacing adapter files is a supported operation) raises SIGBUS
+in the server. So the file, bounded first, is read once with pread and handed to the library.
 
 Every refusal names the tensor, field or limit at fault.
 """
