@@ -15,6 +15,7 @@ request's output depends on its seed and logits only, never on what shares the b
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 import torch
 
@@ -99,7 +100,7 @@ def _sample_batch(
     """The batched path; generators are used last, one row at a time, so a failure before that
     leaves every generator untouched for the row-by-row retry."""
     results: list[int | ServeError] = [0] * len(params)
-    finite = torch.isfinite(logits).all(dim=-1).tolist()  # [B]
+    finite = _rows_where(logits, torch.isfinite)  # [B]
     for row, ok in enumerate(finite):
         if not ok:
             results[row] = InternalError("the model produced non-finite logits for this request")
@@ -111,7 +112,7 @@ def _sample_batch(
         # A tiny penalty can overflow a large logit to inf; inf - inf would be NaN downstream.
         limit = torch.finfo(logits.dtype).max
         logits = logits.clamp(-limit, limit)
-        usable = (~torch.isnan(logits).any(dim=-1)).tolist()  # [B]: NaN now only from a NaN penalty
+        usable = _rows_where(logits, lambda x: ~torch.isnan(x))  # [B]: NaN now only from a NaN penalty
     chosen = logits.argmax(dim=-1).tolist()
     sampled_rows = []
     for row, p in enumerate(params):
@@ -127,7 +128,7 @@ def _sample_batch(
         return results
     index = torch.tensor(sampled_rows, device=logits.device)
     probs = filter_logits(logits.index_select(0, index), [params[i] for i in sampled_rows]).cpu()  # [S, V]
-    valid = (torch.isfinite(probs).all(dim=-1) & (probs.sum(dim=-1) > 0)).tolist()  # [S]
+    valid = (probs.sum(dim=-1) > 0).tolist()  # [S]: False for a NaN row (softmax gives no inf)
     for j, row in enumerate(sampled_rows):
         if not valid[j]:
             results[row] = _no_distribution(params[row])
@@ -137,6 +138,22 @@ def _sample_batch(
         except RuntimeError as error:
             results[row] = InternalError(f"sampling failed: {error}")
     return results
+
+
+def _rows_where(logits: torch.Tensor, holds: Callable[[torch.Tensor], torch.Tensor]) -> list[bool]:
+    """logits [B, V] -> per row, whether `holds` is true of every value.
+
+    `holds` is finiteness or less, so a row whose sum is finite passes; only rows whose sum is
+    not (a NaN or inf in them, or huge values overflowing the sum) are checked value by value.
+    One reduction instead of a [B, V] mask: the check runs on every step.
+    """
+    passed = torch.isfinite(logits.sum(dim=-1)).tolist()
+    doubtful = [row for row, ok in enumerate(passed) if not ok]
+    if doubtful:
+        exact = holds(logits[doubtful]).all(dim=-1).tolist()
+        for row, ok in zip(doubtful, exact):
+            passed[row] = ok
+    return passed
 
 
 def _no_distribution(p: SamplingParams) -> InvalidArgument:

@@ -208,3 +208,12 @@ def test_a_failure_in_the_batched_path_is_retried_row_by_row() -> None:
     fresh = gens()
     for row in (0, 2):
         assert results[row] == sample(logits[row : row + 1], [params[row]], [fresh[row]], [seen[row]])[0]
+
+
+def test_huge_finite_rows_whose_sum_overflows_are_still_finite() -> None:
+    # The finiteness check sums each row first; a sum that overflows must not fail the row.
+    logits = torch.full((2, 8), 3e38)
+    logits[0, 2] = 3.3e38
+    logits[1, 4] = float("nan")
+    results = sample(logits, [SamplingParams(), SamplingParams()], [None, None], [[], []])
+    assert results[0] == 2 and isinstance(results[1], InternalError)
