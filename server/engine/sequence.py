@@ -23,7 +23,8 @@ from loraserve.ids import tenant_of
 # temperature overflows float32 (1e-40 turns every logit into +-inf); so it decodes greedily.
 GREEDY_TEMPERATURE = 1e-5
 MAX_TEMPERATURE = 100.0
-# A penalty of p scales seen tokens' logits by up to 1/p: past these bounds it only overflows.
+# A penalty p divides seen tokens' positive logits by p (negative ones times p): useful values
+# lie near 1, and far past these bounds they only overflow float32 into inf.
 MIN_REPETITION_PENALTY = 0.01
 MAX_REPETITION_PENALTY = 100.0
 
