@@ -19,6 +19,7 @@ def serve_engine(engine: Any) -> Iterator[str]:
         model=engine.loaded.name,
         port=0,
         metrics_port=0,
+        http_port=0,  # the gRPC benchmark needs no HTTP front end
         warmup=False,
         max_queue_size=10_000,
         max_queue_per_tenant=10_000,

@@ -6,8 +6,11 @@ generation ran through the engine. On SIGTERM/SIGINT the server stops taking new
 (UNAVAILABLE, health NOT_SERVING), lets in-flight ones finish within `drain_seconds`, then
 exits 0; a signal during start-up stops it cleanly too ("interrupted during start-up", exit 0).
 
-The process hosts one engine, its services (loraserve.wiring) and the gRPC front end
-(loraserve.handlers + loraserve.service) behind the shared guard (loraserve.guard).
+The process hosts one engine, its services (loraserve.wiring) and two front ends behind the
+shared guard (loraserve.guard): gRPC (loraserve.handlers + loraserve.service) and, unless
+--http-port is 0, HTTP (loraserve.http_api: OpenAI- and LoRAX-compatible APIs), served by uvicorn
+on this same asyncio loop. SIGTERM drains both; HTTP's `GET /health` is 200 exactly when gRPC
+health is SERVING.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from loraserve.config import ConfigError, ServerConfig, is_loopback
 from loraserve.engine.engine import Engine
 from loraserve.guard import DRAINING, SERVING, Guard, describe
 from loraserve.handlers import service_handler
+from loraserve.http_api import HttpFrontEnd
 from loraserve.metrics import Metrics
 from loraserve.model_loader import LoadedModel
 from loraserve.service import AdapterAdminService, InferenceService, grpc_services
@@ -105,12 +109,15 @@ class LoraServer:
         self.loaded: LoadedModel | None = engine.loaded if engine is not None else None
         self.port = 0
         self.metrics_server: Any = None
+        self.http: HttpFrontEnd | None = None
+        self.health_status = health_pb2.HealthCheckResponse.NOT_SERVING
         self.ready = asyncio.Event()
         self.failed: BaseException | None = None
         self._loader: asyncio.Task | None = None
         self.demo_training: Any = None  # loraserve.demo.background.DemoTraining on a first run
 
     async def _set_health(self, status: int) -> None:
+        self.health_status = status  # what HTTP's /health reports too
         for name in ("", *SERVICES):
             await self.health.set(name, status)
 
@@ -152,6 +159,8 @@ class LoraServer:
         )
         if config.metrics_port:
             self.metrics_server = self.serve_metrics()
+        if config.http_port:
+            await self.serve_http()
         self._loader = asyncio.create_task(self._load())
         return self.port
 
@@ -176,6 +185,24 @@ class LoraServer:
                 config.metrics_port,
             )
         return server
+
+    async def serve_http(self) -> None:
+        """Starts the HTTP front end over the same guard and services (looked up per call: they
+        exist once the model is loaded, and the guard refuses calls before)."""
+        self.http = HttpFrontEnd(
+            self.config,
+            self.guard,
+            lambda: self.services,
+            lambda: self.health_status == health_pb2.HealthCheckResponse.SERVING,
+        )
+        try:
+            await self.http.start()
+        except BaseException:
+            self.http = None
+            await self.server.stop(0)
+            if self.metrics_server is not None:
+                self.metrics_server.shutdown()
+            raise
 
     async def _load(self) -> None:
         try:
@@ -243,6 +270,8 @@ class LoraServer:
             log.warning("drain period over: %d requests still in flight are cut", self.engine.in_flight)
         if self.server is not None:
             await self.server.stop(grace=1.0)
+        if self.http is not None:
+            await self.http.stop()
         if self.demo_training is not None:
             await asyncio.to_thread(self.demo_training.stop)
         if self.engine is not None:

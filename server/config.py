@@ -131,6 +131,19 @@ class ServerConfig(BaseSettings):
         None, description="PEM CA bundle: require client certificates (mTLS)."
     )
     drain_seconds: float = Field(30.0, ge=0, description="Grace period for in-flight requests on SIGTERM.")
+    http_port: int = Field(
+        8000,
+        ge=0,
+        le=65535,
+        description="Port of the HTTP front end (OpenAI- and LoRAX-compatible APIs, the playground page), "
+        "on --host with the same TLS files and API keys as gRPC; 0 disables it.",
+    )
+    http_max_body_bytes: int = Field(
+        4 * 1024**2,
+        ge=1024,
+        le=256 * 1024**2,
+        description="Largest HTTP request body accepted; a larger one gets 413 before it is read.",
+    )
 
     # --- Ray Serve (serve-ray only) --------------------------------------------------------
     ray_http_host: str = Field(
@@ -236,6 +249,9 @@ class ServerConfig(BaseSettings):
                     "(/metrics has no authentication and names adapters); bind it to 127.0.0.1, "
                     "or set api_keys_file or allow_unauthenticated_remote=true"
                 )
+        if self.http_port and self.http_port in (self.port, self.metrics_port):
+            other = "port" if self.http_port == self.port else "metrics_port"
+            raise ValueError(f"http_port {self.http_port} is also {other}: give them different ports")
         if self.max_num_batched_tokens < self.block_size:
             raise ValueError("max_num_batched_tokens must be at least block_size")
         for tenant, weight in self.tenant_weights.items():

@@ -13,6 +13,9 @@ from tests.helpers import PeftReference, ServerThread, Toy, build_toy
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Servers started by tests (in process or as `loraserve serve`) leave port 8000 alone unless a
+# test asks for HTTP (tests/http give a free port).
+os.environ.setdefault("LORASERVE_HTTP_PORT", "0")
 torch.set_num_threads(min(2, torch.get_num_threads()))
 warnings.filterwarnings("ignore", category=UserWarning, module="peft")
 

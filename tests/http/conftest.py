@@ -1,0 +1,43 @@
+"""Fixtures of the HTTP front end's tests: one server with both front ends on the toy model."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from tests.helpers import ServerThread, free_port
+
+
+@pytest.fixture(scope="session")
+def http_server(toy) -> ServerThread:
+    """gRPC and HTTP on one engine (2 device slots: the toy's 6 adapters rotate)."""
+    srv = ServerThread(
+        model=str(toy.base),
+        adapters_dir=toy.store,
+        max_loaded_adapters=2,
+        kv_cache_bytes=4 << 20,
+        http_port=free_port(),
+    )
+    srv.start()
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="session")
+def base_url(http_server: ServerThread) -> str:
+    return f"http://127.0.0.1:{http_server.server.http.port}"
+
+
+def settle(srv: ServerThread, timeout: float = 30) -> None:
+    """Waits for the engine to process cancellations, then checks that nothing is held."""
+    engine = srv.engine
+    deadline = time.monotonic() + timeout
+    while engine.in_flight and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert engine.in_flight == 0
+    assert engine.blocks.num_free == engine.blocks.num_blocks
+    assert not engine.scheduler.running and engine.scheduler.num_waiting == 0
+    for row in engine.adapters.describe():
+        assert row.in_flight == 0, row
+    assert engine.adapters.running_pins() == 0
