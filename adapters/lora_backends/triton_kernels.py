@@ -51,10 +51,8 @@ def lora_shrink_kernel(
     a_ptr,  # [S, r_max, in]
     h_ptr,  # [N, r] fp32; row i belongs to token order[i]
     order_ptr,  # [N] int32 token indices sorted by slot
-    slot_ptr,  # [G] int32
-    start_ptr,  # [G] int32 first row of the group in order / h
-    count_ptr,  # [G] int32
-    rank_ptr,  # [G] int32
+    meta_ptr,  # [4, G] int32 rows: slot, start (first row in order / h), count, rank of each group
+    num_groups,  # G
     in_features,
     sx_t,
     sx_k,
@@ -87,14 +85,14 @@ def lora_shrink_kernel(
     g = tl.program_id(2)
     m_block = pid_mk // SPLIT_K
     k_split = pid_mk % SPLIT_K
-    count = tl.load(count_ptr + g)
-    rank = tl.load(rank_ptr + g)
+    count = tl.load(meta_ptr + 2 * num_groups + g)
+    rank = tl.load(meta_ptr + 3 * num_groups + g)
     if m_block * BLOCK_M >= count:
         return
     if pid_r * BLOCK_R >= rank:  # the adapter's own rank ends before this tile (chunked SGMV)
         return
-    slot = tl.load(slot_ptr + g).to(tl.int64)
-    start = tl.load(start_ptr + g)
+    slot = tl.load(meta_ptr + g).to(tl.int64)
+    start = tl.load(meta_ptr + num_groups + g)
 
     offs_m = m_block * BLOCK_M + tl.arange(0, BLOCK_M)
     mask_m = offs_m < count
@@ -128,10 +126,8 @@ def lora_expand_kernel(
     b_ptr,  # [S, out, r_max]
     y_ptr,  # [T, out]
     order_ptr,
-    slot_ptr,
-    start_ptr,
-    count_ptr,
-    rank_ptr,
+    meta_ptr,
+    num_groups,
     out_features,
     sh_t,
     sh_r,
@@ -159,12 +155,12 @@ def lora_expand_kernel(
     m_block = tl.program_id(0)
     pid_n = tl.program_id(1)
     g = tl.program_id(2)
-    count = tl.load(count_ptr + g)
+    count = tl.load(meta_ptr + 2 * num_groups + g)
     if m_block * BLOCK_M >= count:
         return
-    rank = tl.load(rank_ptr + g)
-    slot = tl.load(slot_ptr + g).to(tl.int64)
-    start = tl.load(start_ptr + g)
+    rank = tl.load(meta_ptr + 3 * num_groups + g)
+    slot = tl.load(meta_ptr + g).to(tl.int64)
+    start = tl.load(meta_ptr + num_groups + g)
 
     offs_m = m_block * BLOCK_M + tl.arange(0, BLOCK_M)
     mask_m = offs_m < count
@@ -237,10 +233,8 @@ def lora_shrink(
         a,
         h,
         order,
-        meta[0],
-        meta[1],
-        meta[2],
-        meta[3],
+        meta,
+        num_groups,
         in_features,
         x.stride(0),
         x.stride(1),
@@ -280,10 +274,8 @@ def lora_expand(
         b,
         y,
         order,
-        meta[0],
-        meta[1],
-        meta[2],
-        meta[3],
+        meta,
+        num_groups,
         out_features,
         h.stride(0),
         h.stride(1),

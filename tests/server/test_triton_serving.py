@@ -89,3 +89,46 @@ def test_triton_backend_serves_peft_exact_tokens(toy, peft_ref) -> None:
         ids = peft_ref.tokenizer(prompt)["input_ids"]
         expected = peft_ref.generate(ids, adapter, MAX_NEW, ignore_eos=True)
         assert list(result.token_ids) == expected, (prompt, adapter)
+
+
+@pytest.mark.gpu
+def test_cuda_server_matches_peft_with_the_triton_kernels(toy) -> None:
+    """On CUDA, `auto` serves with the triton LoRA backend and the Triton paged-attention kernel;
+    greedy tokens for the base model and six adapters sent together equal PEFT's (unquantized,
+    float32 on CPU, so that both sides compute the same function)."""
+    pytest.importorskip("triton")
+    from loraserve.engine.paged_attention import kernel_available
+    from tests.helpers import PeftReference, ServerThread
+
+    assert kernel_available("cuda")
+    reference = PeftReference(toy, quantization="none")
+    config = {
+        "model": str(toy.base),
+        "adapters_dir": toy.store,
+        "device": "cuda",
+        "quantization": "none",
+        "compute_dtype": "float32",
+        "max_loaded_adapters": len(TOY_ADAPTERS),
+        "kv_cache_bytes": 4 << 20,
+    }
+    jobs = [(PROMPTS[i % len(PROMPTS)], adapter) for i, adapter in enumerate(["", *TOY_ADAPTERS])]
+    results: dict[int, object] = {}
+    with ServerThread(**config) as server:
+        assert server.engine.slots.backend.name == "triton"
+        start = threading.Barrier(len(jobs))
+
+        def generate(i: int) -> None:
+            prompt, adapter = jobs[i]
+            with Client(server.target, retries=0, timeout=300) as client:
+                start.wait(60)
+                results[i] = client.generate(prompt, adapter, max_new_tokens=MAX_NEW, ignore_eos=True)
+
+        threads = [threading.Thread(target=generate, args=(i,)) for i in range(len(jobs))]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(300)
+    for i, (prompt, adapter) in enumerate(jobs):
+        ids = reference.tokenizer(prompt)["input_ids"]
+        expected = reference.generate(ids, adapter, MAX_NEW, ignore_eos=True)
+        assert list(results[i].token_ids) == expected, (prompt, adapter)
