@@ -168,12 +168,8 @@ def attention_case(
     scaling = HEAD_DIM**-0.5
 
     # The reference: the SDPA path in float64 on CPU (it writes the new keys/values first).
-    ref_meta = make(k_cache.double(), v_cache.double())
-    ref_meta_cpu = ref_meta if device.type == "cpu" else None
-    if ref_meta_cpu is None:  # metadata tensors on CPU for the reference
-        make_cpu, _ = _attention_step(steps, torch.device("cpu"))
-        ref_meta_cpu = make_cpu(k_cache.double(), v_cache.double())
-    with forward_context(ForwardContext(ref_meta_cpu)):
+    make_cpu = make if device.type == "cpu" else _attention_step(steps, torch.device("cpu"))[0]
+    with forward_context(ForwardContext(make_cpu(k_cache.double(), v_cache.double()))):
         expected, _ = paged_attention_forward(
             layer, query.double(), key.double(), value.double(), None, scaling, sliding_window=window
         )

@@ -54,7 +54,6 @@ class Launch:
     seqs: torch.Tensor  # [3, B] int32: first query token, query count, context length
     tiles: torch.Tensor  # [2, NT] int32: sequence, first query of each tile
     block_q: int
-    max_ctx: int
 
 
 @dataclass(frozen=True)
@@ -65,52 +64,40 @@ class PagedPlan:
     prefill: Launch | None
 
 
-def _launch(
-    rows: torch.Tensor, starts: list[int], lengths: list[int], contexts: list[int], block_q: int
-) -> Launch:
-    device = rows.device
-    tiles_seq: list[int] = []
-    tiles_q0: list[int] = []
-    for b, n in enumerate(lengths):
-        for q0 in range(0, n, block_q):
-            tiles_seq.append(b)
-            tiles_q0.append(q0)
-    seqs = torch.tensor([starts, lengths, contexts], dtype=torch.int32).to(device)
-    tiles = torch.tensor([tiles_seq, tiles_q0], dtype=torch.int32).to(device)
-    return Launch(rows, seqs, tiles, block_q, max(contexts))
-
-
 def build_plan(meta: AttentionMetadata) -> PagedPlan:
     """The kernel's view of a step: decode sequences as they are, prefill chunks with row tables.
 
-    Decode: the runner's `decode_rows` [Bd, max_ctx] is the row table as it is. Prefill: a chunk
-    with a past reads `chunk.rows` [context]; one without reads its own new rows of `cache_rows`.
+    Decode: the runner's `decode_rows` [Bd, max_ctx] is the row table as it is, and the sequence
+    table is stacked from its device tensors (no copy back to the host, nothing waits on the GPU).
+    Prefill: a chunk with a past reads `chunk.rows` [context]; one without reads its own new rows
+    of `cache_rows`; its tiles come from the host-side chunk list.
     """
     decode = None
     if meta.decode_tokens is not None:
-        n = meta.decode_tokens.shape[0]
-        decode = _launch(
-            meta.decode_rows,
-            meta.decode_tokens.tolist(),
-            [1] * n,
-            meta.decode_lengths.tolist(),
-            block_q=1,
-        )
+        tokens = meta.decode_tokens.to(torch.int32)  # [Bd]
+        index = torch.arange(tokens.shape[0], dtype=torch.int32, device=tokens.device)
+        seqs = torch.stack([tokens, torch.ones_like(tokens), meta.decode_lengths.to(torch.int32)])
+        decode = Launch(meta.decode_rows, seqs, torch.stack([index, torch.zeros_like(index)]), 1)
     prefill = None
     if meta.prefills:
+        device = meta.cache_rows.device
         width = max(chunk.context for chunk in meta.prefills)
-        rows = torch.zeros(len(meta.prefills), width, dtype=torch.long, device=meta.cache_rows.device)
+        rows = torch.zeros(len(meta.prefills), width, dtype=torch.long, device=device)
         for b, chunk in enumerate(meta.prefills):
             if chunk.rows is None:
                 rows[b, : chunk.length] = meta.cache_rows[chunk.start : chunk.start + chunk.length]
             else:
                 rows[b, : chunk.context] = chunk.rows
-        prefill = _launch(
+        table = [[c.start for c in meta.prefills], [c.length for c in meta.prefills]]
+        table.append([c.context for c in meta.prefills])
+        tiles = [
+            (b, q0) for b, chunk in enumerate(meta.prefills) for q0 in range(0, chunk.length, PREFILL_BLOCK_Q)
+        ]
+        prefill = Launch(
             rows,
-            [chunk.start for chunk in meta.prefills],
-            [chunk.length for chunk in meta.prefills],
-            [chunk.context for chunk in meta.prefills],
-            block_q=PREFILL_BLOCK_Q,
+            torch.tensor(table, dtype=torch.int32).to(device),
+            torch.tensor(tiles, dtype=torch.int32).T.contiguous().to(device),
+            PREFILL_BLOCK_Q,
         )
     return PagedPlan(decode, prefill)
 
