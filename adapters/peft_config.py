@@ -16,6 +16,7 @@ the result is cached per config.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import threading
@@ -49,8 +50,12 @@ UNSUPPORTED_FIELDS = (
 MAX_PATTERN_CHARS = 1024
 # Most keys in rank_pattern / alpha_pattern (one per module of a large model is a few hundred).
 MAX_PATTERN_KEYS = 4096
-# Wall-clock budget for matching one adapter's patterns against every module name.
-MATCH_BUDGET_SECONDS = 0.25
+# Wall-clock budget for matching one adapter's patterns against every module name: a base, plus
+# a little per (module, pattern) pair so that a large legitimate rank_pattern on a large model
+# (hundreds of keys × hundreds of modules) is not refused, up to a cap that bounds any attack.
+MATCH_BUDGET_SECONDS = 0.5
+MATCH_SECONDS_PER_PAIR = 5e-6
+MATCH_BUDGET_CAP_SECONDS = 1.0
 # Resolved module plans kept (per distinct config and module list).
 PLAN_CACHE_SIZE = 256
 
@@ -66,7 +71,7 @@ class LoraAdapterConfig:
     exclude_modules: tuple[str, ...] | str | None = None
     rank_pattern: tuple[tuple[str, int], ...] = ()
     alpha_pattern: tuple[tuple[str, float], ...] = ()
-    layers_to_transform: tuple[int, ...] | None = None
+    layers_to_transform: frozenset[int] | None = None  # a set: membership is tested per module
     layers_pattern: tuple[str, ...] | None = None
     base_model_name_or_path: str | None = None
 
@@ -124,8 +129,14 @@ def _timeout(deadline: float | None) -> float | None:
     return left
 
 
+@functools.lru_cache(maxsize=8192)
+def _compile(pattern: str) -> regex.Pattern:
+    # regex's own cache is smaller than the patterns of one large rank_pattern times its wrappers.
+    return regex.compile(pattern)
+
+
 def _match(pattern: str, name: str, deadline: float | None, full: bool = False) -> regex.Match | None:
-    compiled = regex.compile(pattern)  # the regex package caches compiled patterns
+    compiled = _compile(pattern)
     method = compiled.fullmatch if full else compiled.match
     return method(name, timeout=_timeout(deadline), concurrent=True)
 
@@ -164,13 +175,22 @@ _plans: OrderedDict[tuple[LoraAdapterConfig, tuple[str, ...]], dict[str, ModuleS
 _plans_lock = threading.Lock()
 
 
+def match_budget(config: LoraAdapterConfig, num_modules: int) -> float:
+    """Seconds allowed for resolving this config against this many module names."""
+    patterns = 3 + len(config.rank_pattern) + len(config.alpha_pattern) + len(config.layers_pattern or ())
+    return min(
+        MATCH_BUDGET_CAP_SECONDS, MATCH_BUDGET_SECONDS + MATCH_SECONDS_PER_PAIR * patterns * num_modules
+    )
+
+
 def resolve_modules(
-    config: LoraAdapterConfig, module_names: Iterable[str], budget: float = MATCH_BUDGET_SECONDS
+    config: LoraAdapterConfig, module_names: Iterable[str], budget: float | None = None
 ) -> dict[str, ModuleSpec]:
     """The base modules the config targets, with their rank and alpha.
 
     Matches the config's patterns against the given (fixed) module names within `budget`
-    seconds in all, else FailedPrecondition naming the fields; cached per (config, names).
+    seconds in all (default: `match_budget`), else FailedPrecondition naming the fields; cached
+    per (config, names).
     """
     names = tuple(module_names)
     key = (config, names)
@@ -179,6 +199,8 @@ def resolve_modules(
         if plan is not None:
             _plans.move_to_end(key)
             return plan
+    if budget is None:
+        budget = match_budget(config, len(names))
     deadline = time.monotonic() + budget
     try:
         plan = {
@@ -294,6 +316,7 @@ def parse_adapter_config(raw: dict[str, Any]) -> LoraAdapterConfig:
     for key, value in rank_pattern.items():
         if not float(value).is_integer():
             raise FailedPrecondition(f"adapter_config.json: rank_pattern[{key[:80]!r}] must be an integer")
+    layers = _as_tuple(raw.get("layers_to_transform"), "layers_to_transform", int)
     layers_pattern = _as_tuple(raw.get("layers_pattern"), "layers_pattern", str)
     for pattern in layers_pattern or ():
         _check_regex(pattern, "layers_pattern")
@@ -306,7 +329,7 @@ def parse_adapter_config(raw: dict[str, Any]) -> LoraAdapterConfig:
         exclude_modules=exclude_modules,
         rank_pattern=tuple((k, int(v)) for k, v in rank_pattern.items()),
         alpha_pattern=tuple((k, float(v)) for k, v in alpha_pattern.items()),
-        layers_to_transform=_as_tuple(raw.get("layers_to_transform"), "layers_to_transform", int),
+        layers_to_transform=None if layers is None else frozenset(layers),
         layers_pattern=layers_pattern,
         base_model_name_or_path=base_model if isinstance(base_model, str) else None,
     )

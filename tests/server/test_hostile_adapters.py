@@ -23,7 +23,7 @@ WEIGHTS = "adapter_model.safetensors"
 BACKTRACKING = r"(?:.|.){0,40}\d"
 # Generous bounds for a shared, noisy 2-core machine. Before the fix the regex attack froze every
 # stream for 4.7 s per attempt (and this pattern for far longer) and the header attack for 13.8 s;
-# the matching budget is now 0.25 s and the header is refused before it is parsed.
+# the matching budget is now 0.5 s and the header is refused before it is parsed.
 REFUSED_WITHIN_SECONDS = 5.0
 MAX_STREAM_GAP_SECONDS = 3.0
 STREAM_TOKENS = 60
