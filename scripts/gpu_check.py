@@ -244,14 +244,21 @@ MODULE_SHAPES_1B = {  # (in, out) of each adapted linear of one layer of the 1B 
 def lora_step_times(
     device: str, layers: int, shapes: dict, slots: int, rank: int, backends: list[str]
 ) -> dict:
-    """Median time of one step's LoRA work (plan + every module's apply) per backend, in ms, with
-    one decode token on each of `slots` distinct adapters; and the max error against `reference`."""
+    """One step's LoRA work per backend, in ms (median), with one decode token on each of `slots`
+    distinct adapters, and the max error of one module against `reference`:
+
+    - eager_ms: plan + every module's apply, as the engine runs it today (kernel launches from
+      Python included: at 32 tokens the work per module is microseconds, so launches weigh);
+    - graph_ms (CUDA): the same applies captured once in a CUDA graph and replayed, the plan
+      fixed: the device time, where the step is headed (no per-layer Python decision blocks it).
+    """
     import torch
 
     from loraserve.adapters.lora_backends import lora_reference, select_lora_backend
 
     dev = torch.device(device)
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    cuda = device == "cuda"
+    dtype = torch.bfloat16 if cuda else torch.float32
     g = torch.Generator(device="cpu").manual_seed(0)
     modules = []
     for _ in range(layers):
@@ -263,37 +270,61 @@ def lora_step_times(
     slot_of_token = list(range(slots))
     ranks = [rank] * slots
     result: dict[str, Any] = {"tokens": slots, "modules": len(modules), "dtype": str(dtype)}
+
+    def median_ms(fn: Any, repeats: int) -> float:
+        times = []
+        for _ in range(repeats):
+            if cuda:
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            fn()
+            if cuda:
+                torch.cuda.synchronize()
+            times.append((time.perf_counter() - start) * 1e3)
+        return round(statistics.median(times), 4)
+
     for name in backends:
         backend = select_lora_backend(name, dev)
 
-        def step() -> None:
-            plan = backend.plan(slot_of_token, ranks)  # noqa: B023 - used at once
+        def step(backend: Any = backend) -> None:
+            plan = backend.plan(slot_of_token, ranks)
             for a, b, x, y in modules:
-                backend.apply(y, x, a, b, plan)  # noqa: B023
+                backend.apply(y, x, a, b, plan)
 
         for _ in range(3):
             step()
-        times = []
-        for _ in range(10 if device == "cuda" else 3):
-            if device == "cuda":
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            step()
-            if device == "cuda":
-                torch.cuda.synchronize()
-            times.append((time.perf_counter() - start) * 1e3)
+        entry: dict[str, Any] = {"eager_ms": median_ms(step, 10 if cuda else 3)}
+        if cuda:
+            plan = backend.plan(slot_of_token, ranks)
+
+            def applies(backend: Any = backend, plan: Any = plan) -> None:
+                for a, b, x, y in modules:
+                    backend.apply(y, x, a, b, plan)
+
+            try:
+                side = torch.cuda.Stream()
+                side.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(side):
+                    applies()
+                torch.cuda.current_stream().wait_stream(side)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):
+                    applies()
+                graph.replay()
+                entry["graph_ms"] = median_ms(graph.replay, 20)
+            except Exception as error:  # noqa: BLE001 - a capture failure is a finding to report
+                entry["graph_error"] = f"{type(error).__name__}: {error}"[:500]
         a, b, x, _ = modules[0]
         y = torch.zeros(slots, b.shape[1], dtype=dtype, device=dev)
         backend.apply(y, x, a, b, backend.plan(slot_of_token, ranks))
         ref = lora_reference(x.double().cpu(), slot_of_token, a.double().cpu(), b.double().cpu())
-        result[name] = {
-            "ms_per_step": round(statistics.median(times), 3),
-            "max_abs_error": float((y.double().cpu() - ref).abs().max()),
-        }
+        entry["max_abs_error"] = float((y.double().cpu() - ref).abs().max())
+        result[name] = entry
     if "torch" in result and "triton" in result:
-        result["torch_over_triton"] = round(
-            result["torch"]["ms_per_step"] / result["triton"]["ms_per_step"], 2
-        )
+        for key in ("eager_ms", "graph_ms"):
+            if key in result["torch"] and key in result["triton"]:
+                ratio = result["torch"][key] / result["triton"][key]
+                result[f"torch_over_triton_{key[:-3]}"] = round(ratio, 2)
     return result
 
 
@@ -468,7 +499,9 @@ def goals(steps: dict[str, Any]) -> dict[str, Any]:
     base = (systems.get("engine-base") or {}).get("steady_decode_tokens_per_s")
     lora = (systems.get("engine") or {}).get("steady_decode_tokens_per_s")
     ratio = round(lora / base, 3) if lora and base else None
-    speedup = steps.get("kernels", {}).get("result", {}).get("lora", {}).get("torch_over_triton")
+    lora = steps.get("kernels", {}).get("result", {}).get("lora", {})
+    # Device time (CUDA graph replay) where the capture worked, else the eager step.
+    speedup = lora.get("torch_over_triton_graph", lora.get("torch_over_triton_eager"))
     return {
         "decode_distinct_32_over_base": {
             "measured": ratio,
@@ -477,6 +510,7 @@ def goals(steps: dict[str, Any]) -> dict[str, Any]:
         },
         "triton_lora_speedup_over_torch": {
             "measured": speedup,
+            "basis": "cuda graph replay" if "torch_over_triton_graph" in lora else "eager step",
             "target": 3.0,
             "met": speedup is not None and speedup >= 3.0,
         },

@@ -106,3 +106,39 @@ def test_forcing_triton_without_cuda_is_a_config_error(monkeypatch) -> None:
 def test_auto_picks_triton_on_cuda() -> None:
     pytest.importorskip("triton")
     assert select_lora_backend("auto", torch.device("cuda")).name == "triton"
+
+
+@pytest.mark.gpu
+def test_a_step_of_applies_is_captured_in_a_cuda_graph() -> None:
+    """apply makes no data-dependent Python decision: captured once for a plan, a replay on new
+    inputs (same plan) gives the reference's result."""
+    pytest.importorskip("triton")
+    from loraserve.adapters.lora_backends import TritonBackend, lora_reference
+
+    cuda = torch.device("cuda")
+    g = torch.Generator().manual_seed(3)
+    ranks = [8, 16, 4]
+    slots = [2, 0, -1, 0, 1] + [1] * 40
+    a = torch.randn(3, 16, 96, generator=g).to(cuda) / 10
+    b = torch.randn(3, 80, 16, generator=g).to(cuda) / 4
+    for s, r in enumerate(ranks):
+        a[s, r:] = 0
+        b[s, :, r:] = 0
+    x = torch.zeros(len(slots), 96, device=cuda)
+    y = torch.zeros(len(slots), 80, device=cuda)
+    backend = TritonBackend(cuda)
+    plan = backend.plan(slots, ranks)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        backend.apply(y, x, a, b, plan)  # compiles the kernels before the capture
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        backend.apply(y, x, a, b, plan)
+    x.copy_(torch.randn(len(slots), 96, generator=g))
+    y.zero_()
+    graph.replay()
+    torch.cuda.synchronize()
+    expected = lora_reference(x.double().cpu(), slots, a.double().cpu(), b.double().cpu())
+    torch.testing.assert_close(y.double().cpu(), expected, rtol=2e-5, atol=2e-5)

@@ -68,3 +68,31 @@ def test_the_step_plan_reads_each_sequence_through_its_rows() -> None:
     assert torch.equal(prefill.rows[1, :32], later.rows)
     # the later chunk's new tokens sit at the end of its context, in the rows it writes
     assert torch.equal(later.rows[16:], meta.cache_rows[later.start : later.start + 16])
+
+
+@pytest.mark.gpu
+def test_the_kernel_is_captured_in_a_cuda_graph() -> None:
+    """With the step's plan built, the attention call makes no host decision: captured once, a
+    replay after new keys/values are written gives a fresh call's result."""
+    pytest.importorskip("triton")
+    from loraserve.engine.paged_attention import triton_paged_attention
+
+    cuda = torch.device("cuda")
+    make, num_tokens = _attention_step(ATTENTION_STEPS["mixed step"], cuda)
+    cache = torch.randn(2, 1, 24 * BLOCK, 2, 16, device=cuda)
+    meta = make(cache[0], cache[1])
+    plan = meta.paged_plan()
+    q = torch.randn(4, num_tokens, 16, device=cuda)
+    k_layer, v_layer = meta.k_cache[0], meta.v_cache[0]
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        triton_paged_attention(plan, q, k_layer, v_layer, None, None)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = triton_paged_attention(plan, q, k_layer, v_layer, None, None)
+    k_layer.normal_()
+    q.normal_()
+    graph.replay()
+    torch.testing.assert_close(out, triton_paged_attention(plan, q, k_layer, v_layer, None, None))
