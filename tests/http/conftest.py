@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 
 import pytest
@@ -41,3 +42,21 @@ def settle(srv: ServerThread, timeout: float = 30) -> None:
     for row in engine.adapters.describe():
         assert row.in_flight == 0, row
     assert engine.adapters.running_pins() == 0
+
+
+class HeldEngine:
+    """Holds the engine's next forward pass until released: requests stay in flight meanwhile."""
+
+    def __init__(self, srv: ServerThread, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.entered, self.gate = threading.Event(), threading.Event()
+        real = srv.engine.runner.execute
+
+        def held(batch):
+            self.entered.set()
+            self.gate.wait(60)
+            return real(batch)
+
+        monkeypatch.setattr(srv.engine.runner, "execute", held)
+
+    def release(self) -> None:
+        self.gate.set()
