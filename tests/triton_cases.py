@@ -17,9 +17,11 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
 import traceback
 from collections.abc import Callable
+from pathlib import Path
 from types import SimpleNamespace
 
 import torch
@@ -209,6 +211,20 @@ def cases() -> dict[str, Callable[[torch.device], None]]:
 
 def run_case(name: str, device: torch.device) -> None:
     cases()[name](device)
+
+
+def interpreter_results(prefix: str) -> dict[str, str | None]:
+    """Runs the cases named PREFIX... under Triton's interpreter in a subprocess: {case: None | error}."""
+    run = subprocess.run(
+        [sys.executable, "-m", "tests.triton_cases", prefix],
+        cwd=Path(__file__).resolve().parents[1],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env={**os.environ, "TRITON_INTERPRET": "1"},
+    )
+    assert run.returncode == 0, run.stderr[-4000:]
+    return json.loads(run.stdout.strip().splitlines()[-1])
 
 
 def main(prefix: str) -> None:

@@ -13,7 +13,6 @@ shrink; in float32 and bfloat16 with per-dtype tolerances against float64.
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
 import subprocess
 import sys
@@ -24,25 +23,11 @@ import torch
 
 from loraserve.adapters.lora_backends import TorchBackend, select_lora_backend, triton_unavailable
 from loraserve.config import ConfigError, load_config
-from tests.triton_cases import cases, run_case
+from tests.triton_cases import cases, interpreter_results, run_case
 
 ROOT = Path(__file__).resolve().parents[2]
 LORA_CASES = sorted(name for name in cases() if name.startswith("lora "))
 CPU = torch.device("cpu")
-
-
-def interpreter_results(prefix: str) -> dict[str, str | None]:
-    """Runs the cases named PREFIX... under Triton's interpreter in a subprocess: {case: None | error}."""
-    run = subprocess.run(
-        [sys.executable, "-m", "tests.triton_cases", prefix],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=900,
-        env={**os.environ, "TRITON_INTERPRET": "1"},
-    )
-    assert run.returncode == 0, run.stderr[-4000:]
-    return json.loads(run.stdout.strip().splitlines()[-1])
 
 
 @pytest.fixture(scope="module")

@@ -12,8 +12,7 @@ import pytest
 import torch
 
 from loraserve.engine.paged_attention import PREFILL_BLOCK_Q, build_plan, kernel_available
-from tests.adapters.test_triton_backend import interpreter_results
-from tests.triton_cases import ATTENTION_STEPS, BLOCK, _attention_step, cases, run_case
+from tests.triton_cases import ATTENTION_STEPS, BLOCK, _attention_step, cases, interpreter_results, run_case
 
 ATTENTION_CASES = sorted(name for name in cases() if name.startswith("attention "))
 CPU = torch.device("cpu")
