@@ -26,8 +26,6 @@ under Triton's CPU interpreter, whose bf16 `dot` is not exact) and fp32 dots use
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
@@ -36,8 +34,9 @@ _DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16:
 
 
 def interpreting() -> bool:
-    """True when Triton runs kernels in its CPU interpreter (TRITON_INTERPRET=1, read at its import)."""
-    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+    """True when Triton runs kernels in its CPU interpreter: TRITON_INTERPRET=1 was set when the
+    kernels below were decorated (triton.jit reads it then), so they are interpreted functions."""
+    return type(lora_shrink_kernel).__name__ == "InterpretedFunction"
 
 
 def compute_dtype(dtype: torch.dtype) -> tl.dtype:
