@@ -120,6 +120,12 @@ def triton_paged_attention(
     from loraserve.adapters.lora_backends.triton_kernels import compute_dtype
 
     heads, num_tokens, head_dim = q.shape
+    # The kernel reads head_dim elements contiguously (true of transformers' projections and of
+    # the cache); a layout that is not gets one copy rather than a wrong read.
+    if q.stride(2) != 1:
+        q = q.contiguous()
+    if k_cache.stride(2) != 1 or v_cache.stride(2) != 1:
+        raise ValueError("the paged KV cache must be contiguous in head_dim")
     kv_heads = k_cache.shape[1]
     group = heads // kv_heads
     out = q.new_empty(num_tokens, heads, head_dim)
