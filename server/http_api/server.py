@@ -131,6 +131,8 @@ class HttpFrontEnd:
             timeout_graceful_shutdown=int(SHUTDOWN_SECONDS),
             **settings,
         )
+        # uvicorn's own start and stop lines would repeat ours.
+        logging.getLogger("uvicorn.error").setLevel(logging.WARNING)
         self._server = _EmbeddedServer(uv_config)
         self._task = asyncio.create_task(self._server.serve(sockets=[sock]), name="http-front-end")
         while not self._server.started and not self._task.done():
