@@ -146,3 +146,29 @@ def test_backend_selection() -> None:
         select_lora_backend("triton", CPU)
     with pytest.raises(ValueError, match="unknown LoRA backend 'cuda'"):
         select_lora_backend("cuda", CPU)
+
+
+HIGH_SLOT_CASES = {
+    "decodes in sparse high slots": [3, 700, 1023, 512],
+    "decodes in high slots, sorted, with repeats": [640, 640, 641, 900, 900, 1023],
+    "high slots next to low ones and base tokens": [-1, 0, 1000, -1, 1, 999],
+    "a prefill run in a high slot + decodes": [800] * LONG + [2, 801, 1023],
+    "dense range far from slot 0": [900, 901, 902, 903, 904],
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", list(HIGH_SLOT_CASES))
+@pytest.mark.parametrize("name", SERVING_BACKENDS)
+def test_backend_matches_reference_on_high_slot_indices(name: str, case: str, dtype: torch.dtype) -> None:
+    """1,024 slots, a few used, far from slot 0: gathered or in-place bmm, the same LoRA term."""
+    slots = HIGH_SLOT_CASES[case]
+    rng = random.Random(case)
+    ranks = [rng.choice([0, 2, 4, 8]) for _ in range(1024)]
+    for slot in slots:
+        ranks[slot] = ranks[slot] or 8  # every used slot holds an adapter
+    a, b = _weights(ranks, dtype, seed=5)
+    x, y = _inputs(len(slots), dtype, seed=5)
+    ours = _run(select_lora_backend(name, CPU), slots, ranks, y, x, a, b)
+    rtol, atol = TOLERANCE[dtype]
+    torch.testing.assert_close(ours.double(), _expected(slots, ranks, y, x, a, b), rtol=rtol, atol=atol)
