@@ -7,8 +7,10 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
+# apt-get needs root: plain `apt-get` as root (containers, CI), `sudo apt-get` otherwise.
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: install serve demo test lint format proto bench clean
+.PHONY: install browser serve demo test lint format proto bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -38,7 +40,15 @@ serve: install
 demo: install
 	$(BIN)/loraserve demo
 
-test: install
+# The playground page's test drives Debian's headless Chromium through chromedriver (Selenium);
+# apt runs only when one of the two is missing.
+browser:
+	@if command -v chromium >/dev/null && command -v chromedriver >/dev/null; then :; else \
+		echo "==> installing Debian's chromium and chromium-driver (the playground page's browser test)"; \
+		$(SUDO) apt-get update -qq && \
+		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver; fi
+
+test: install browser
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
