@@ -11,16 +11,17 @@ here by `--dry-run`). Steps, each time-boxed, the report rewritten after each:
              under 64 MiB.
  2. install  the wheels go into a private folder (pip --target, --no-deps, --no-index) that is put
              first on PYTHONPATH, with loraserve itself as a tree of links (no pip install of it).
- 3. tests    the tests marked `gpu` (the Triton LoRA and paged-attention kernels against their
-             references on CUDA, the engine on CUDA against PEFT); --dry-run only collects them.
- 4. kernels  LoRA time per step of the `triton` and `torch` backends (32 distinct rank-16
+ 3. kernels  LoRA time per step of the `triton` and `torch` backends (32 distinct rank-16
              adapters, one decode token each, every linear module of the 1B model's 16 layers,
-             bf16), the paged-attention kernel against the SDPA gather; --dry-run: tiny shapes
-             on CPU, torch backend only.
+             bf16; eager and as a replayed CUDA graph), the paged-attention kernel against the
+             SDPA gather; --dry-run: tiny shapes on CPU, torch backend only. First: a goal, quick.
+ 4. tests    the tests marked `gpu` (the Triton LoRA and paged-attention kernels against their
+             references on CUDA, captured in CUDA graphs, a CUDA server against PEFT);
+             --dry-run only collects them.
  5. model    the 1B-parameter bench model and 100 rank-16 adapters (random weights, seeded);
              --dry-run: counts the 1B config's parameters on the meta device.
  6. bench    `loraserve bench` decode-distinct and poisson on it (NF4 base, bf16, 32 slots);
-             --dry-run: both presets on the tiny model on CPU.
+             --dry-run: decode-distinct and a small custom Poisson run on the tiny model on CPU.
 
 Goals (ratios within the run): 32 distinct adapters >= 0.8x the no-adapter engine's steady
 decode throughput; the triton backend's LoRA time per step <= 1/3 of the torch backend's.
@@ -566,8 +567,9 @@ def main() -> int:
     record("wheels", lambda: step_wheels(args.dry_run))
     record("sizes", step_sizes)
     record("install", lambda _cap: step_install(work, args.dry_run), CAPS["install"])
-    record("tests", lambda cap: step_tests(work, out, args.dry_run, cap), CAPS["tests"])
+    # The kernel figures first (a goal, and quick), then the tests, then the model and the bench.
     record("kernels", lambda cap: step_kernels(work, out, args.dry_run, cap), CAPS["kernels"])
+    record("tests", lambda cap: step_tests(work, out, args.dry_run, cap), CAPS["tests"])
     record("model", lambda cap: step_model(work, out, args.dry_run, cap), CAPS["model"])
     for scenario in ("decode-distinct", "poisson"):
         record(scenario, lambda cap, s=scenario: step_bench(work, out, s, args.dry_run, cap), CAPS[scenario])

@@ -13,6 +13,7 @@ import sys
 import threading
 
 import pytest
+import torch
 
 from loraserve_client import Client
 from tests.helpers import PROMPTS, TOY_ADAPTERS, free_port
@@ -132,3 +133,20 @@ def test_cuda_server_matches_peft_with_the_triton_kernels(toy) -> None:
         ids = reference.tokenizer(prompt)["input_ids"]
         expected = reference.generate(ids, adapter, MAX_NEW, ignore_eos=True)
         assert list(results[i].token_ids) == expected, (prompt, adapter)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_forcing_triton_without_cuda_stops_serve_with_one_line(toy) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    args = ["serve", "--model", str(toy.base), "--lora-backend", "triton"]
+    run = subprocess.run(
+        [sys.executable, "-m", "loraserve.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
+    assert run.returncode == 2, run.stderr
+    lines = [line for line in run.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, run.stderr
+    assert lines[0].startswith("loraserve: error: --lora-backend: the triton LoRA backend cannot run here: ")
