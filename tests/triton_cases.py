@@ -77,9 +77,10 @@ def lora_case(slots: list[int], dtype: torch.dtype, device: torch.device, split_
     if split_k is None:
         backend.apply(y, x, a, b, plan)
     else:
-        h = torch.empty(len(plan.groups.order), plan.rank, dtype=torch.float32, device=device)
+        # h's planes hold the shrink's partial sums: garbage first, so that each must be written
+        h = torch.full((split_k, len(plan.groups.order), plan.rank), float("nan"), device=device)
         groups = (plan.meta, plan.order, plan.num_groups, plan.max_count)
-        kernels.lora_shrink(x, a, h, *groups, plan.rank, split_k)
+        kernels.lora_shrink(x, a, h, *groups, plan.rank)
         kernels.lora_expand(h, b, y, *groups)
 
     reference = ReferenceBackend(torch.device("cpu"))
@@ -199,7 +200,7 @@ def cases() -> dict[str, Callable[[torch.device], None]]:
         for name, slots in LORA_SLOTS.items():
             found[f"lora {name} {dname}"] = lambda d, s=slots, t=dtype: lora_case(s, t, d)
         found[f"lora split-K shrink {dname}"] = lambda d, t=dtype: lora_case(
-            LORA_SLOTS["unsorted and split runs"], t, d, split_k=2
+            LORA_SLOTS["unsorted and split runs"], t, d, split_k=3
         )
         for name, steps in ATTENTION_STEPS.items():
             found[f"attention {name} {dname}"] = lambda d, s=steps, t=dtype: attention_case(s, t, d)

@@ -97,7 +97,8 @@ class TritonBackend(LoRABackend):
         assert isinstance(plan, TritonPlan), f"the triton backend cannot apply a {type(plan).__name__}"
         if plan.num_groups == 0:  # a step-level fact of the plan, the same for every layer
             return
-        h = torch.empty(plan.order.shape[0], max(plan.rank, 1), dtype=torch.float32, device=x.device)
         k = self._kernels
+        split = k.shrink_split_k(plan.max_count, x.shape[1])  # from shapes and the plan, not data
+        h = torch.empty(split, plan.order.shape[0], max(plan.rank, 1), dtype=torch.float32, device=x.device)
         k.lora_shrink(x, a, h, plan.meta, plan.order, plan.num_groups, plan.max_count, plan.rank)
         k.lora_expand(h, b, y, plan.meta, plan.order, plan.num_groups, plan.max_count)

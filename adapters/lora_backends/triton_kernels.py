@@ -6,6 +6,11 @@ group g its slot, start in `order`, token count and rank), the LoRA term of one 
     h[i] = x[order[i]] @ A[slot(i)]ᵀ          # shrink:  [N, r]   (fp32 accumulation, fp32 h)
     y[order[i]] += h[i] @ B[slot(i)]ᵀ         # expand:  [N, out] (the scale is folded into B)
 
+For decode-sized groups the shrink's reduction is split over SPLIT_K programs (a few token blocks
+would leave most SMs idle): each writes its partial sum to its own plane of h [SPLIT_K, N, r],
+and the expand adds the planes as it loads h. No atomics and no zeroing launch, and the result
+does not depend on the order programs run in.
+
 Both kernels run one program per (token block of one group, output tile, group): the structure of
 punica's SGMV, S-LoRA's and vLLM's grouped LoRA kernels and SGLang's chunked SGMV. A program reads
 its group's slot, start, count and rank from device tensors, gathers its tokens' rows through
@@ -48,7 +53,7 @@ def compute_dtype(dtype: torch.dtype) -> tl.dtype:
 def lora_shrink_kernel(
     x_ptr,  # [T, in]
     a_ptr,  # [S, r_max, in]
-    h_ptr,  # [N, r] fp32; row i belongs to token order[i]
+    h_ptr,  # [SPLIT_K, N, r] fp32 partial sums; row i belongs to token order[i]
     order_ptr,  # [N] int32 token indices sorted by slot
     meta_ptr,  # [4, G] int32 rows: slot, start (first row in order / h), count, rank of each group
     num_groups,  # G
@@ -58,6 +63,7 @@ def lora_shrink_kernel(
     sa_s,
     sa_r,
     sa_k,
+    sh_s,
     sh_t,
     sh_r,
     BLOCK_M: tl.constexpr,
@@ -77,7 +83,7 @@ def lora_shrink_kernel(
         acc[BLOCK_M, BLOCK_R] = 0 (fp32)
         for k in k_split*BLOCK_K, step SPLIT_K*BLOCK_K, below in_features:
             acc += x[tokens, k:k+BLOCK_K] @ A[slot, r, k:k+BLOCK_K]ᵀ
-        h[rows, r] = acc            (atomic add of the partial sums when SPLIT_K > 1; h zeroed first)
+        h[k_split, rows, r] = acc   (this program's partial sum)
     """
     pid_mk = tl.program_id(0)
     pid_r = tl.program_id(1)
@@ -111,23 +117,20 @@ def lora_shrink_kernel(
         as_ = tl.load(a_rows + k[None, :] * sa_k, mask=mask_r[:, None] & mask_k[None, :], other=0.0)
         acc += tl.dot(xs.to(COMPUTE), tl.trans(as_.to(COMPUTE)), input_precision=PRECISION)
 
-    h_ptrs = h_ptr + rows[:, None] * sh_t + offs_r[None, :] * sh_r
-    mask = mask_m[:, None] & mask_r[None, :]
-    if SPLIT_K == 1:
-        tl.store(h_ptrs, acc, mask=mask)
-    else:
-        tl.atomic_add(h_ptrs, acc, mask=mask)
+    h_ptrs = h_ptr + k_split * sh_s + rows[:, None] * sh_t + offs_r[None, :] * sh_r
+    tl.store(h_ptrs, acc, mask=mask_m[:, None] & mask_r[None, :])
 
 
 @triton.jit
 def lora_expand_kernel(
-    h_ptr,  # [N, r] fp32
+    h_ptr,  # [SPLIT_K, N, r] fp32 partial sums of the shrink
     b_ptr,  # [S, out, r_max]
     y_ptr,  # [T, out]
     order_ptr,
     meta_ptr,
     num_groups,
     out_features,
+    sh_s,
     sh_t,
     sh_r,
     sb_s,
@@ -138,6 +141,7 @@ def lora_expand_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    SPLIT_K: tl.constexpr,
     COMPUTE: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
@@ -148,7 +152,8 @@ def lora_expand_kernel(
         rows, tokens as in the shrink; n = pid_n*BLOCK_N + [0, BLOCK_N)
         acc[BLOCK_M, BLOCK_N] = 0 (fp32)
         for k in 0, step BLOCK_K, below rank[g]:       # the adapter's rank, not r_max
-            acc += h[rows, k:k+BLOCK_K] (rounded to B's dtype) @ B[slot, n, k:k+BLOCK_K]ᵀ
+            hk = Σ_s h[s, rows, k:k+BLOCK_K], rounded to B's dtype
+            acc += hk @ B[slot, n, k:k+BLOCK_K]ᵀ
         y[tokens, n] = y[tokens, n] + acc             (each (token, n) owned by one program)
     """
     m_block = tl.program_id(0)
@@ -175,7 +180,10 @@ def lora_expand_kernel(
     for k0 in range(0, rank, BLOCK_K):  # rank-bounded: chunks past the adapter's rank are skipped
         k = k0 + offs_k
         mask_k = k < rank
-        hs = tl.load(h_rows + k[None, :] * sh_r, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        h_mask = mask_m[:, None] & mask_k[None, :]
+        hs = tl.load(h_rows + k[None, :] * sh_r, mask=h_mask, other=0.0)
+        for split in tl.static_range(1, SPLIT_K):  # the shrink's other partial sums
+            hs += tl.load(h_rows + split * sh_s + k[None, :] * sh_r, mask=h_mask, other=0.0)
         bs = tl.load(b_rows + k[None, :] * sb_r, mask=mask_n[:, None] & mask_k[None, :], other=0.0)
         # h is rounded to the model dtype first, as the unfused h = x @ Aᵀ would be.
         hs = hs.to(b_ptr.dtype.element_ty)
@@ -196,12 +204,17 @@ def token_block(max_count: int) -> int:
     return min(64, _pow2_at_least(max_count, 16))
 
 
-def shrink_split_k(max_count: int, in_features: int, block_k: int) -> int:
-    """Splits the shrink's reduction when groups are small (decode): few token blocks would leave
-    most of a GPU's SMs idle, so each group's K range goes to up to 8 programs (fp32 atomic adds)."""
+def shrink_block_k() -> int:
+    return 32 if interpreting() else 64
+
+
+def shrink_split_k(max_count: int, in_features: int) -> int:
+    """How many programs share one token block's shrink reduction: up to 8 for decode-sized
+    groups (few token blocks would leave most of a GPU's SMs idle), 1 for prefill and in the
+    interpreter (where it only costs time)."""
     if interpreting() or max_count > 64:
         return 1
-    return max(1, min(8, in_features // (4 * block_k)))
+    return max(1, min(8, in_features // (4 * shrink_block_k())))
 
 
 def lora_shrink(
@@ -213,19 +226,15 @@ def lora_shrink(
     num_groups: int,
     max_count: int,
     rank: int,
-    split_k: int | None = None,
 ) -> None:
-    """Launches the shrink: h[i, :rank] = x[order[i]] @ A[slot]ᵀ for every grouped token i.
+    """Launches the shrink: h[s, i, :rank] = partial sums of x[order[i]] @ A[slot]ᵀ, s < SPLIT_K.
 
-    x: [T, in], a: [S, r_max, in], h: [N, rank] fp32, meta: [4, G] int32 rows slot/start/count/rank,
-    order: [N] int32. `split_k`: override the heuristic (tests use it to cover the atomic path).
+    x: [T, in], a: [S, r_max, in], h: [SPLIT_K, N, rank] fp32 (SPLIT_K = h.shape[0], see
+    `shrink_split_k`), meta: [4, G] int32 contiguous (rows slot/start/count/rank), order: [N] int32.
     """
     in_features = x.shape[1]
-    block_m, block_r = token_block(max_count), 16
-    block_k = 32 if interpreting() else 64
-    split = split_k if split_k is not None else shrink_split_k(max_count, in_features, block_k)
-    if split > 1:
-        h.zero_()
+    split = h.shape[0]
+    block_m, block_r, block_k = token_block(max_count), 16, shrink_block_k()
     grid = (triton.cdiv(max_count, block_m) * split, max(1, triton.cdiv(rank, block_r)), num_groups)
     lora_shrink_kernel[grid](
         x,
@@ -242,6 +251,7 @@ def lora_shrink(
         a.stride(2),
         h.stride(0),
         h.stride(1),
+        h.stride(2),
         BLOCK_M=block_m,
         BLOCK_R=block_r,
         BLOCK_K=block_k,
@@ -260,9 +270,9 @@ def lora_expand(
     num_groups: int,
     max_count: int,
 ) -> None:
-    """Launches the expand: y[order[i]] += h[i, :rank] @ B[slot]ᵀ for every grouped token i.
+    """Launches the expand: y[order[i]] += (Σ_s h[s, i, :rank]) @ B[slot]ᵀ for every grouped token i.
 
-    h: [N, rank] fp32, b: [S, out, r_max] (any strides), y: [T, out].
+    h: [SPLIT_K, N, rank] fp32 (the shrink's), b: [S, out, r_max] (any strides), y: [T, out].
     """
     out_features = y.shape[1]
     block_m = token_block(max_count)
@@ -278,6 +288,7 @@ def lora_expand(
         out_features,
         h.stride(0),
         h.stride(1),
+        h.stride(2),
         b.stride(0),
         b.stride(1),
         b.stride(2),
@@ -286,6 +297,7 @@ def lora_expand(
         BLOCK_M=block_m,
         BLOCK_N=block_n,
         BLOCK_K=16,
+        SPLIT_K=h.shape[0],
         COMPUTE=compute_dtype(y.dtype),
         PRECISION="ieee" if y.dtype == torch.float32 else None,
     )
