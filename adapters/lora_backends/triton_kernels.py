@@ -20,8 +20,9 @@ rank-64 table costs a rank-8 adapter's work (skipped rank tiles in the shrink, a
 in the expand). Base-only tokens (slot -1) are in no group and are never touched.
 
 Grids are sized from the step's plan (groups and the largest group), never from tensor values, so
-a layer makes no data-dependent Python decision; padding the grid to fixed buckets is all a CUDA
-graph capture needs (programs past a group's count exit).
+a layer makes no data-dependent Python decision: a step's applies replay from a CUDA graph (tested
+on CUDA). Serving steps from graphs needs the plan in static buffers and grids padded to fixed
+buckets, which the kernels allow as they are (programs past a group's count exit).
 
 Dtypes: x, A, B and y share one dtype (fp32, fp16 or bf16). Dot products accumulate in fp32;
 `COMPUTE` is the dtype the operands are cast to before `tl.dot` (their own dtype on a GPU, fp32
