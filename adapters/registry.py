@@ -101,6 +101,9 @@ class AdapterEntry:
     adapter_id: str
     state: AdapterState = AdapterState.DISK
     fingerprint: Fingerprint | None = None  # of the files first read; every re-read must match
+    # Bumped for its id by every unload and reload: with the fingerprint, it keys the KV blocks
+    # computed under this version (prefix caching), so no later version can reach them.
+    load_generation: int = 0
     weights: AdapterWeights | None = None  # host copy
     slot: int | None = None  # device slot, in state DEVICE
     failure: Failure | None = None  # in state FAILED
@@ -146,12 +149,13 @@ class Registry:
     def __init__(self) -> None:
         self._entries: dict[str, AdapterEntry] = {}
         self._failures: OrderedDict[str, tuple[Fingerprint, Failure]] = OrderedDict()
+        self._generations: dict[str, int] = {}  # ids unloaded or reloaded at least once
 
     def get(self, adapter_id: str) -> AdapterEntry | None:
         return self._entries.get(adapter_id)
 
     def add(self, adapter_id: str) -> AdapterEntry:
-        entry = AdapterEntry(adapter_id)
+        entry = AdapterEntry(adapter_id, load_generation=self._generations.get(adapter_id, 0))
         self._entries[adapter_id] = entry
         return entry
 
@@ -159,6 +163,10 @@ class Registry:
         """Removes the entry if it is still the current one for its id."""
         if self._entries.get(entry.adapter_id) is entry:
             del self._entries[entry.adapter_id]
+
+    def next_generation(self, adapter_id: str) -> None:
+        """An unload or reload of the id: entries made from now on belong to a new load generation."""
+        self._generations[adapter_id] = self._generations.get(adapter_id, 0) + 1
 
     def entries(self) -> list[AdapterEntry]:
         return list(self._entries.values())

@@ -122,6 +122,7 @@ class Outputs:
                 first_token=seq.first_token,
                 finished=time.monotonic(),
                 preemptions=seq.preemptions,
+                cached_prompt_tokens=seq.cached_prompt_tokens,
             ),
         )
 

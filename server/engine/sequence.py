@@ -98,6 +98,7 @@ class SequenceOutput:
     first_token: float | None = None
     finished: float | None = None
     preemptions: int = 0
+    cached_prompt_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
 
     @property
     def done(self) -> bool:
@@ -125,6 +126,14 @@ class Sequence:
         self.output_ids: list[int] = []
         self.num_computed = 0  # tokens whose K/V are in the cache
         self.block_table: list[int] = []
+        # Prefix caching (loraserve.engine.prefix_cache): the seed of its blocks' hash chain, the
+        # chained hashes of its full blocks so far (memoized: tokens only grow), how many leading
+        # blocks of its table the cache knows (taken from it or published), and the prompt tokens
+        # served from the cache at its first admission.
+        self.cache_seed: bytes | None = None
+        self.block_hashes: list[bytes] = []
+        self.cached_blocks = 0
+        self.cached_prompt_tokens = 0
         self.status = Status.WAITING
         self.slot = -1  # device slot of its adapter while running
         self.deadline = request.arrival + request.stopping.max_time_seconds
