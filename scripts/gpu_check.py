@@ -181,7 +181,17 @@ def step_install(work: Path, dry_run: bool) -> dict[str, Any]:
     cmd = [sys.executable, "-m", "pip", "install", "--no-deps", "--no-index", "--target", str(site), "-q"]
     if dry_run:  # this Python is not the GPU machine's: install for its platform
         cmd += PLATFORM_FLAGS
-    subprocess.run([*cmd, *wheels], check=True, capture_output=True, text=True, timeout=CAPS["install"])
+    run = subprocess.run([*cmd, *wheels], capture_output=True, text=True, timeout=CAPS["install"])
+    how = "pip --target"
+    if run.returncode != 0 and "No module named pip" in run.stderr:
+        # A Python without pip: a wheel is a zip of its site-packages files (none of these use .data).
+        site.mkdir(parents=True)
+        for wheel in wheels:
+            with zipfile.ZipFile(wheel) as z:
+                z.extractall(site)
+        how = "unzipped (no pip)"
+    elif run.returncode != 0:
+        raise RuntimeError(f"pip install --target failed:\n{run.stderr[-3000:]}")
     src = link_tree(work)
     env = environment(work)
     probe = "import loraserve, loraserve.engine.paged_attention, loraserve_client; print(loraserve.__file__)"
@@ -191,7 +201,8 @@ def step_install(work: Path, dry_run: bool) -> dict[str, Any]:
         [sys.executable, "-c", probe], env=env, check=True, capture_output=True, text=True, timeout=120
     ).stdout.strip()
     assert found.startswith(str(src)), f"loraserve imported from {found}, not the link tree"
-    return {"site": str(site), "packages": len(list(site.glob("*.dist-info"))), "loraserve": found}
+    packages = len(list(site.glob("*.dist-info")))
+    return {"site": str(site), "how": how, "packages": packages, "loraserve": found}
 
 
 def environment(work: Path) -> dict[str, str]:
