@@ -144,14 +144,21 @@ def step_wheels(dry_run: bool) -> dict[str, Any]:
 
 
 def step_sizes() -> dict[str, Any]:
-    """Bytes of what travels to the GPU machine: tracked and untracked non-ignored files + wheels."""
+    """Bytes of what travels to the GPU machine: tracked and untracked non-ignored files + wheels.
+
+    Where the copy has no git metadata (the GPU machine's may not), every file is counted but
+    caches, virtual environments and reports."""
     listed = subprocess.run(
         ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
         cwd=ROOT,
-        check=True,
         capture_output=True,
-    ).stdout.split(b"\0")
-    tree = sum((ROOT / p.decode()).stat().st_size for p in listed if p and (ROOT / p.decode()).is_file())
+    )
+    if listed.returncode == 0:
+        paths = [ROOT / p.decode() for p in listed.stdout.split(b"\0") if p]
+    else:
+        skip = {".git", ".venv", "__pycache__", "bench-results", "gpu-wheels", ".pytest_cache", ".ruff_cache"}
+        paths = [p for p in ROOT.rglob("*") if not skip & set(p.relative_to(ROOT).parts)]
+    tree = sum(p.stat().st_size for p in paths if p.is_file() and not p.is_symlink())
     wheels = sum(p.stat().st_size for p in WHEEL_DIR.glob("*.whl"))
     total = tree + wheels
     if total >= TRAVEL_LIMIT:
