@@ -78,13 +78,14 @@ def finish_reason(final: FinalRecord) -> str:
 
 
 def usage(final: FinalRecord) -> UsageOut:
-    """OpenAI's usage, with cached prompt tokens when the core reports them."""
-    cached = getattr(final.usage, "cached_tokens", None)
+    """OpenAI's usage, with the prompt tokens served from the prefix cache (0 from a core without one)."""
     return UsageOut(
         prompt_tokens=final.usage.prompt_tokens,
         completion_tokens=final.usage.completion_tokens,
         total_tokens=final.usage.total_tokens,
-        prompt_tokens_details=None if cached is None else PromptTokensDetails(cached_tokens=cached),
+        prompt_tokens_details=PromptTokensDetails(
+            cached_tokens=getattr(final.usage, "cached_prompt_tokens", 0)
+        ),
     )
 
 

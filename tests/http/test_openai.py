@@ -174,3 +174,24 @@ def test_vllm_adapter_admin(base_url, toy, tmp_path) -> None:
         assert unloaded.status_code == 200, unloaded.text
         again = http.post("/v1/unload_lora_adapter", json={"lora_name": "a4"})
         assert again.status_code == 404
+
+
+def test_cached_prompt_tokens_are_reported_as_openai_does(oai, http_server) -> None:
+    from loraserve.generation import Usage
+
+    if "cached_prompt_tokens" not in Usage.__dataclass_fields__:
+        pytest.skip("this core counts no cached prompt tokens (no prefix cache)")
+    # A system prompt longer than a KV block: the second request finds its blocks cached.
+    messages = [
+        {"role": "system", "content": " ".join(PROMPTS * 4)},
+        {"role": "user", "content": "hello"},
+    ]
+    answers = [
+        oai.chat.completions.create(model="a1", messages=messages, max_tokens=2, temperature=0)
+        for _ in range(2)
+    ]
+    details = [a.usage.prompt_tokens_details for a in answers]
+    assert all(d is not None for d in details)
+    if http_server.config.model_dump().get("enable_prefix_caching"):
+        assert details[1].cached_tokens > 0
+    assert details[1].cached_tokens < answers[1].usage.prompt_tokens
