@@ -226,13 +226,9 @@ class OpenAIRoutes:
             chunks = ChatChunks if chat else TextChunks
             writer = chunks(ids, int(time.time()), body.model, include_usage)
             return EventStream(self._frames(call, first, deltas, writer), headers)
-        texts, final = [first.text], first.final
         async with contextlib.aclosing(deltas):
-            while final is None:
-                delta = await until_disconnected(request, self._next(call, deltas))
-                texts.append(delta.text)
-                final = delta.final
-        text, created, reason = "".join(texts), int(time.time()), finish_reason(final)
+            text, final = await until_disconnected(request, self._collect(call, first, deltas))
+        created, reason = int(time.time()), finish_reason(final)
         if chat:
             message = ChatMessageOut(content=text)
             answer: BaseModel = ChatCompletion(
@@ -253,6 +249,16 @@ class OpenAIRoutes:
         out = answer.model_dump()
         out["usage"] = usage(final).model_dump(exclude_none=True)
         return JSONResponse(out, headers=headers)
+
+    async def _collect(
+        self, call: Call, first: Delta, deltas: AsyncIterator[Delta]
+    ) -> tuple[str, FinalRecord]:
+        """The whole answer's text and how it ended."""
+        texts, delta = [first.text], first
+        while delta.final is None:
+            delta = await self._next(call, deltas)
+            texts.append(delta.text)
+        return "".join(texts), delta.final
 
     async def _next(self, call: Call, deltas: AsyncIterator[Delta]) -> Delta:
         async with self.edge.deadline(call):

@@ -85,11 +85,11 @@ async def _stream_and_maybe_leave(http: httpx.AsyncClient, i: int) -> str:
         url = "/generate_stream"
         body = {
             "inputs": PROMPTS[i % len(PROMPTS)],
-            "parameters": {"adapter_id": adapter, "max_new_tokens": 120, "ignore_eos_token": True},
+            "parameters": {"adapter_id": adapter, "max_new_tokens": 40, "ignore_eos_token": True},
         }
     else:
         url = "/v1/chat/completions" if i % 3 == 1 else "/v1/completions"
-        body = {"model": adapter or "__base__", "max_tokens": 120, "stream": True}
+        body = {"model": adapter or "__base__", "max_tokens": 40, "stream": True}
         if url.endswith("chat/completions"):
             body["messages"] = [{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}]
         else:
@@ -111,7 +111,7 @@ def test_32_streams_with_disconnects_leave_nothing_held(http_server, base_url) -
 
     async def run() -> list[str]:
         limits = httpx.Limits(max_connections=64)
-        async with httpx.AsyncClient(base_url=base_url, timeout=120, limits=limits) as http:
+        async with httpx.AsyncClient(base_url=base_url, timeout=600, limits=limits) as http:
             return await asyncio.gather(*(_stream_and_maybe_leave(http, i) for i in range(32)))
 
     outcomes = asyncio.run(run())
