@@ -28,10 +28,13 @@ class Usage:
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    cached_prompt_tokens: int = 0  # of prompt_tokens, served from the server's prefix cache
 
     @classmethod
     def from_pb(cls, usage: pb2.Usage) -> Usage:
-        return cls(usage.prompt_tokens, usage.completion_tokens, usage.total_tokens)
+        return cls(
+            usage.prompt_tokens, usage.completion_tokens, usage.total_tokens, usage.cached_prompt_tokens
+        )
 
 
 @dataclass(frozen=True)

@@ -61,6 +61,7 @@ class GenerationInput:
 class Usage:
     prompt_tokens: int
     completion_tokens: int
+    cached_prompt_tokens: int = 0  # of prompt_tokens, served from the prefix cache
 
     @property
     def total_tokens(self) -> int:
@@ -310,7 +311,7 @@ def final_record(out: SequenceOutput) -> FinalRecord:
     finished = out.finished if out.finished is not None else time.monotonic()
     return FinalRecord(
         finish_reason=out.finish_reason,
-        usage=Usage(out.prompt_tokens, out.completion_tokens),
+        usage=Usage(out.prompt_tokens, out.completion_tokens, out.cached_prompt_tokens),
         timings=Timings(
             queue_seconds=(out.first_scheduled or finished) - out.arrival,
             time_to_first_token_seconds=None if out.first_token is None else out.first_token - out.arrival,

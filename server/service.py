@@ -51,6 +51,7 @@ def usage(final: FinalRecord) -> pb2.Usage:
         prompt_tokens=final.usage.prompt_tokens,
         completion_tokens=final.usage.completion_tokens,
         total_tokens=final.usage.total_tokens,
+        cached_prompt_tokens=final.usage.cached_prompt_tokens,
     )
 
 
