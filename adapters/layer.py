@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from loraserve.adapters.lora_backends import LoRABackend, LoRAPlan, select_lora_backend
+from loraserve.adapters.slot_sizing import bytes_per_slot
 from loraserve.adapters.weights import AdapterWeights
 from loraserve.errors import FailedPrecondition
 from loraserve.forward_context import current_forward_context
@@ -125,8 +126,7 @@ class SlotTable:
 
     @property
     def bytes_per_slot(self) -> int:
-        element = torch.tensor([], dtype=self.dtype).element_size()
-        return sum(self.max_rank * (i + o) for i, o in self.shapes.values()) * element
+        return bytes_per_slot(self.shapes, self.max_rank, self.dtype)
 
     def set_slot(self, slot: int, weights: AdapterWeights) -> None:
         """Copies an adapter into a slot, converting to the slot dtype and folding the LoRA scale

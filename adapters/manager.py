@@ -3,10 +3,12 @@
 Who calls what:
 - request path (any thread, under the engine's lock, no I/O): `acquire(id)` when a request
   arrives (an unloading adapter fails here), `release(entry)` when it ends;
-- engine thread, between steps: `try_place(entry)` puts an adapter in a device slot (evicting
-  the least recently used slot with no running request; unknown or broken adapters fail here,
-  with a fresh error each time), `pin`/`unpin` around a sequence's time in the running batch,
-  `housekeeping()` for admin loads waiting on a slot;
+- engine thread, between steps: `plan_queue(entries)` tells it what the queued requests need,
+  in the order the scheduler would admit them; `try_place(entry)` puts an adapter in a device
+  slot (evicting an idle slot by what the queue needs next, `slot_allocator`; unknown or broken
+  adapters fail here, with a fresh error each time); `stage(entry)` prefetches a queued request's
+  adapter into a slot ahead of its admission, never evicting one the queue needs; `pin`/`unpin`
+  around a sequence's time in the running batch, `housekeeping()` for admin loads waiting on a slot;
 - admin: `load(id, pin)` (a future of a LoadResult, resolved once on the device),
   `unload(id)`, `describe()` / `describe_one(id)` (frozen AdapterInfo rows).
 
@@ -74,6 +76,8 @@ class AdapterManager:
         self._host = HostCache(max_host_bytes)
         self._slots = SlotAllocator(slots.num_slots)
         self._pending: list[AdapterEntry] = []  # admin loads waiting for a device slot
+        # Adapter -> position of its first queued request in admission order (plan_queue).
+        self._need_rank: dict[AdapterEntry, int] = {}
         self._tick = 0
         self._report()
 
@@ -110,10 +114,29 @@ class AdapterManager:
                 self._registry.drop(entry)  # nothing in memory and nobody waiting: forget it
 
     # ---------------------------------------------------------------- engine thread
-    def try_place(self, entry: AdapterEntry) -> int | None:
+    def plan_queue(self, entries: list[AdapterEntry]) -> None:
+        """The adapters of the queued requests, in the order they would be admitted (repeats
+        allowed): evictions then spare those needed soonest."""
+        rank: dict[AdapterEntry, int] = {}
+        for position, entry in enumerate(entries):
+            rank.setdefault(entry, position)
+        with self._lock:
+            self._need_rank = rank
+
+    def stage(self, entry: AdapterEntry) -> bool:
+        """Prefetch: puts a queued request's adapter in a slot if its weights are in host memory and
+        that evicts nothing the queue needs. True when it is on the device. A refused adapter is
+        only recorded here (its requests get the error when the scheduler next tries them)."""
+        try:
+            return self.try_place(entry, allow_needed=False) is not None
+        except ServeError:
+            return False
+
+    def try_place(self, entry: AdapterEntry, allow_needed: bool = True) -> int | None:
         """The adapter's device slot, placing it now if its weights are in host memory and a
-        slot is free or evictable; None while it loads or every slot is busy. Raises the
-        adapter's error (a fresh one) if it was refused or unloaded."""
+        slot is free or evictable (with allow_needed=False, only a slot that no queued request
+        needs); None while it loads or every slot is busy. Raises the adapter's error (a fresh
+        one) if it was refused or unloaded."""
         with self._lock:
             state = entry.state
             if state is AdapterState.FAILED:
@@ -126,7 +149,7 @@ class AdapterManager:
             if state is not AdapterState.HOST:
                 self._ensure_reading(entry)
                 return None
-            slot = self._take_slot()
+            slot = self._take_slot(allow_needed)
             if slot is None:
                 return None
             try:
@@ -359,11 +382,11 @@ class AdapterManager:
                 self.base_model_name,
             )
 
-    def _take_slot(self) -> int | None:
+    def _take_slot(self, allow_needed: bool = True) -> int | None:
         slot = self._slots.free_slot()
         if slot is not None:
             return slot
-        victim = self._slots.victim()
+        victim = self._slots.victim(self._need_rank, allow_needed)
         if victim is None:
             return None
         slot = victim.slot

@@ -21,6 +21,9 @@ from safetensors.torch import load_file, save_file
 from loraserve.adapters.synthetic import make_peft_adapter
 from loraserve.toy import save_toy_model
 
+# The default recipe's targets (every linear layer of a decoder layer).
+ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
 SHAPES = {
     "bench": {
         "hidden_size": 768,
@@ -126,6 +129,10 @@ def build_adapters(
 def prepare(work_dir: Path, size: str, adapters: int, rank: int, targets: list[str]) -> BenchAssets:
     work_dir.mkdir(parents=True, exist_ok=True)
     model_dir = build_model(work_dir, size)
-    store = work_dir / f"adapters-{size}"
+    # One store per recipe, so a run with another rank or other targets keeps the default one.
+    default = rank == 16 and sorted(targets) == sorted(ALL_LINEAR)
+    store = work_dir / (
+        f"adapters-{size}" if default else f"adapters-{size}-r{rank}-{'-'.join(sorted(targets))}"
+    )
     ids = build_adapters(model_dir, store, max(adapters, 1), rank, targets)
     return BenchAssets(model_dir, store, ids[:adapters])

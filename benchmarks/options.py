@@ -41,7 +41,12 @@ def add_bench_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--adapters", type=int, default=8, help="number of synthetic adapters N")
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--target-modules", default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj")
-    parser.add_argument("--slots", type=int, default=0, help="device slots (0: min(adapters, 32))")
+    parser.add_argument(
+        "--slots",
+        type=int,
+        default=0,
+        help="device slots (0: min(adapters, 32); sweep: the server's auto sizing)",
+    )
     parser.add_argument("--workload", choices=["closed", "poisson"], default="closed")
     parser.add_argument("--concurrency", type=int, default=8, help="closed loop: concurrent clients")
     parser.add_argument("--rate", type=float, default=4.0, help="poisson: arrivals per second")
@@ -56,7 +61,11 @@ def add_bench_flags(parser: argparse.ArgumentParser) -> None:
         help=f"comma-separated, from {', '.join(SYSTEMS)}",
     )
     parser.add_argument("--target", default=None, help="also drive a running server over gRPC at HOST:PORT")
-    parser.add_argument("--sweep", default="1,8,32,128", help="adapter counts for --scenario sweep")
+    parser.add_argument(
+        "--sweep",
+        default="1,8,32,128,1024",
+        help="adapter counts for --scenario sweep (4096 needs ~1.3 GB of disk)",
+    )
     parser.add_argument("--quantization", choices=["nf4", "fp4", "int8", "none"], default="nf4")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     parser.add_argument("--max-num-batched-tokens", type=int, default=512)

@@ -140,7 +140,15 @@ def plot(report: dict[str, Any], folder: Path) -> list[Path]:
                 marker="o",
                 label="loraserve engine",
             )
+            peft = [
+                (p["adapters"], p["peft-batch"]["throughput_tokens_per_s"])
+                for p in scenario["sweep"]
+                if "peft-batch" in p
+            ]
+            if peft:
+                ax.plot(*zip(*peft), marker="s", label="PEFT generate (batched)")
             ax.set_xscale("log", base=2)
+            ax.set_ylim(bottom=0)
             ax.set_xlabel(f"adapters (device slots: {scenario['slots']})")
             ax.set_ylabel("generated tokens / s")
             ax.set_title("Throughput as the adapter count grows")

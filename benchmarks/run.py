@@ -7,7 +7,8 @@ Scenarios (on the bench model of loraserve.benchmarks.models unless --model-size
   PEFT generate(adapter_names=...) static batching (goal: >= 5x throughput), TTFT/ITL reported;
 - overhead: the engine on the base model against a bare batched forward loop (goal: >= 0.9x);
 - adapter-load: LoadAdapter over gRPC, disk -> device slot, p50, against PEFT load_adapter (goal: >= 10x);
-- sweep: throughput as the adapter count grows past the device slots;
+- sweep: throughput as the adapter count grows to thousands (power-law popularity, default slots),
+  as a ratio to the 8-adapter point (goal: >= 0.9x at 1,024), PEFT beside it where it keeps up;
 - custom: the workload given by the flags, on the systems given by --systems.
 """
 
@@ -80,8 +81,15 @@ class Bench:
     def systems(self) -> list[str]:
         return [s.strip() for s in self.args.systems.split(",") if s.strip()]
 
-    def engine(self, assets: BenchAssets, slots: int, requests: list[BenchRequest], concurrency: int) -> Any:
-        """An engine on its own thread (model loaded there too), warmed up."""
+    def engine(
+        self,
+        assets: BenchAssets,
+        slots: int | str,
+        requests: list[BenchRequest],
+        concurrency: int,
+        max_rank: int | None = None,
+    ) -> Any:
+        """An engine on its own thread (model loaded there too), warmed up. slots: a count or "auto"."""
         from loraserve.engine.engine import Engine, EngineConfig
         from loraserve.engine.kv_sizing import KVGeometry
         from loraserve.model_loader import load_base_model
@@ -95,8 +103,8 @@ class Bench:
             per_block = KVGeometry.of(loaded.model.config).bytes_per_block(block_size, loaded.dtype)
             config = EngineConfig(
                 adapters_dir=assets.store,
-                max_loaded_adapters=max(1, slots),
-                max_lora_rank=self.args.rank,
+                max_loaded_adapters=slots if slots == "auto" else max(1, int(slots)),
+                max_lora_rank=max_rank or self.args.rank,
                 max_num_seqs=max(concurrency, 64),
                 max_num_batched_tokens=self.args.max_num_batched_tokens,
                 block_size=block_size,
@@ -170,22 +178,26 @@ class Bench:
         adapters: list[str],
         requests: list[BenchRequest],
         names: list[str],
-        slots: int,
+        slots: int | str,
         workload: str,
         concurrency: int,
         assets: BenchAssets,
         warm: bool,
+        max_rank: int | None = None,
     ) -> dict[str, Any]:
         results: dict[str, dict[str, Any]] = {}
         extras: dict[str, Any] = {}
         engine = None
         if {"engine", "engine-base", "grpc"} & set(names):
-            engine = self.engine(assets, slots, requests, concurrency)
+            engine = self.engine(assets, slots, requests, concurrency, max_rank)
+            slots = engine.slots.num_slots
             if warm and adapters:
                 self.warm_adapters(engine, sorted(set(r.adapter for r in requests if r.adapter)))
             if "engine" in names:
                 results["engine"] = summarize(self.run_engine(engine, requests, workload, concurrency))
                 extras["engine_preemptions"] = engine.scheduler.preemptions
+                # Fairness under slot pressure: the most times one request was passed over.
+                extras["engine_max_passed_over"] = engine.scheduler.max_passed_over
             if "engine-base" in names:
                 results["engine-base"] = summarize(
                     self.run_engine(engine, with_adapter(requests, ""), workload, concurrency, "engine-base")
@@ -296,7 +308,17 @@ PRESETS = {
         "output_len": (16, 64),
     },
     "overhead": {"concurrency": 32, "requests": 64, "prompt_len": (32, 32), "output_len": (64, 64)},
-    "sweep": {"requests": 64, "concurrency": 32, "prompt_len": (16, 64), "output_len": (16, 64)},
+    # S-LoRA's setting: power-law popularity, small adapters (rank 8 on q/v), default slot sizing.
+    "sweep": {
+        "requests": 64,
+        "concurrency": 32,
+        "prompt_len": (16, 64),
+        "output_len": (16, 64),
+        "alpha": 1.0,
+        "rank": 8,
+        "targets": ["q_proj", "v_proj"],
+        "peft_up_to": 32,
+    },
 }
 
 
@@ -479,34 +501,67 @@ def scenario_adapter_load(bench: Bench, repeats: int = 9) -> dict[str, Any]:
 
 
 def scenario_sweep(bench: Bench) -> dict[str, Any]:
-    """Uniform popularity over 1..N adapters with a fixed number of device slots (--sweep, --slots)."""
+    """Power-law popularity over 1..N adapters (--sweep) on the server's default slot sizing (auto;
+    --slots N fixes a count), each point's throughput as a ratio to the 8-adapter point's; PEFT
+    batched beside the engine up to PRESETS["sweep"]["peft_up_to"] adapters, when --systems has it."""
+    from loraserve.engine.engine import EngineConfig
+
     p = PRESETS["sweep"]
     counts = [int(c) for c in bench.args.sweep.split(",") if c.strip()]
-    slots = bench.args.slots or 8
+    slots: int | str = bench.args.slots or "auto"
+    with_peft = "peft-batch" in bench.systems()
+    targets, bench.targets = bench.targets, list(p["targets"])
+    rank, bench.args.rank = bench.args.rank, p["rank"]
     points = []
-    for count in counts:
-        assets = bench.assets(count)
-        requests = bench.workload(
-            assets.adapter_ids,
-            popularity="uniform",
-            workload="closed",
-            requests=p["requests"],
-            concurrency=p["concurrency"],
-            prompt_len=p["prompt_len"],
-            output_len=p["output_len"],
-        )
-        result = bench.scenario(
-            assets.adapter_ids,
-            requests,
-            ["engine"],
-            min(slots, count),
-            "closed",
-            p["concurrency"],
-            assets,
-            warm=False,
-        )
-        points.append({"adapters": count, "engine": result["systems"]["engine"]})
-    return {"slots": slots, "preset": p, "sweep": points}
+    try:
+        for count in counts:
+            assets = bench.assets(count)
+            requests = bench.workload(
+                assets.adapter_ids,
+                popularity="powerlaw",
+                alpha=p["alpha"],
+                workload="closed",
+                requests=p["requests"],
+                concurrency=p["concurrency"],
+                prompt_len=p["prompt_len"],
+                output_len=p["output_len"],
+            )
+            names = ["engine"] + (["peft-batch"] if with_peft and count <= p["peft_up_to"] else [])
+            result = bench.scenario(
+                assets.adapter_ids,
+                requests,
+                names,
+                slots,
+                "closed",
+                p["concurrency"],
+                assets,
+                warm=False,
+                max_rank=EngineConfig.max_lora_rank,  # the server's default, as a deployment has it
+            )
+            point = {
+                "adapters": count,
+                "distinct_adapters_used": result["workload"]["distinct_adapters_used"],
+                "slots": result["workload"]["slots"],
+                "max_passed_over": result.get("engine_max_passed_over"),
+                **result["systems"],
+            }
+            points.append(point)
+    finally:
+        bench.targets, bench.args.rank = targets, rank
+    base = next((pt for pt in points if pt["adapters"] == 8), None)
+    for point in points:
+        if base is not None:
+            point["ratio_to_8"] = (
+                point["engine"]["throughput_tokens_per_s"] / base["engine"]["throughput_tokens_per_s"]
+            )
+    at_1024 = next((pt for pt in points if pt["adapters"] == 1024), None)
+    measured = at_1024.get("ratio_to_8") if at_1024 is not None else None
+    return {
+        "slots": slots,
+        "preset": p,
+        "sweep": points,
+        "goal": goal("engine throughput over 1,024 adapters vs over 8 (power law, alpha 1)", measured, 0.9),
+    }
 
 
 def scenario_custom(bench: Bench) -> dict[str, Any]:
@@ -567,8 +622,13 @@ def print_summary(report: dict[str, Any]) -> None:
                 f"errors {summary['errors']}"
             )
         for point in scenario.get("sweep", []):
+            peft = point.get("peft-batch", {}).get("throughput_tokens_per_s")
             print(
-                f"  {point['adapters']:5d} adapters: {point['engine']['throughput_tokens_per_s']:9.1f} tok/s"
+                f"  {point['adapters']:5d} adapters ({point.get('distinct_adapters_used', '?')} used, "
+                f"{point.get('slots', '?')} slots): {point['engine']['throughput_tokens_per_s']:9.1f} tok/s"
+                + (f"  {point['ratio_to_8']:.2f}x of 8" if "ratio_to_8" in point else "")
+                + (f"  peft-batch {peft:.1f} tok/s" if peft else "")
+                + f"  passed over <= {point.get('max_passed_over')}"
             )
         if "goal" in scenario:
             g = scenario["goal"]

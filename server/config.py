@@ -54,8 +54,23 @@ class ServerConfig(BaseSettings):
     )
 
     # --- adapters --------------------------------------------------------------------------
-    max_loaded_adapters: int = Field(
-        8, ge=1, le=4096, description="Device slots: adapters on device at once."
+    max_loaded_adapters: int | Literal["auto"] = Field(
+        "auto",
+        description="Device slots: adapters on device at once. auto: as many as adapter_memory_bytes (or "
+        "adapter_memory_fraction of free memory) holds at --max-lora-rank, at most 1024.",
+    )
+    adapter_memory_bytes: int = Field(
+        0,
+        ge=0,
+        description="Device memory for adapter slots in bytes when max_loaded_adapters=auto; 0 "
+        "sizes it from adapter_memory_fraction.",
+    )
+    adapter_memory_fraction: float = Field(
+        0.1,
+        gt=0,
+        le=0.9,
+        description="Share of free device memory for adapter slots when max_loaded_adapters=auto and "
+        "adapter_memory_bytes=0 (taken before the KV cache's share).",
     )
     max_lora_rank: int = Field(16, ge=1, le=1024, description="Highest adapter rank accepted.")
     max_host_adapter_bytes: int = Field(
@@ -217,6 +232,19 @@ class ServerConfig(BaseSettings):
             if reason is not None:
                 raise ValueError(f"the triton LoRA backend cannot run here: {reason}")
         return value
+
+    @field_validator("max_loaded_adapters", mode="before")
+    @classmethod
+    def _check_slots(cls, value: object) -> int | str:
+        if isinstance(value, str) and value.strip().lower() == "auto":
+            return "auto"
+        try:
+            slots = int(str(value).strip()) if not isinstance(value, int) else value
+        except ValueError:
+            raise ValueError(f"expected auto or a number of device slots, got {value!r}") from None
+        if not 1 <= slots <= 4096:
+            raise ValueError(f"expected auto or 1 to 4096 device slots, got {slots}")
+        return slots
 
     @field_validator("adapters_dir")
     @classmethod

@@ -42,6 +42,14 @@ SERVICER_FUNCTIONS = [
 ]
 
 
+def _routing_budget(config: ServerConfig) -> int:
+    """Adapters Ray's multiplexing remembers per replica: the slot count, or auto's upper bound."""
+    from loraserve.adapters.slot_sizing import MAX_AUTO_SLOTS
+
+    slots = config.max_loaded_adapters
+    return MAX_AUTO_SLOTS if slots == "auto" else int(slots)
+
+
 def make_deployment(config: ServerConfig, replicas: int, num_cpus: float, num_gpus: float) -> Any:
     """The Ray Serve deployment class, configured (multiplexing budget, resources)."""
     from ray import serve
@@ -89,7 +97,8 @@ def make_deployment(config: ServerConfig, replicas: int, num_cpus: float, num_gp
                     continue
             return None
 
-        @serve.multiplexed(max_num_models_per_replica=config.max_loaded_adapters)
+        # With auto slots the replica's count is known only once its engine sizes them: route by the most.
+        @serve.multiplexed(max_num_models_per_replica=_routing_budget(config))
         async def hold_adapter(self, adapter_id: str) -> str:
             """Ray's multiplexing hook: puts the adapter in a device slot of this replica."""
             if adapter_id != BASE_MODEL_ID:

@@ -27,13 +27,14 @@ from typing import Any
 
 import torch
 
-from loraserve.adapters.layer import SlotTable
+from loraserve.adapters.layer import SlotTable, find_lora_targets
 from loraserve.adapters.manager import AdapterManager
+from loraserve.adapters.slot_sizing import bytes_per_slot, slot_count
 from loraserve.adapters.store import AdapterStore
 from loraserve.engine.admission import Admission
 from loraserve.engine.detokenizer import IncrementalDetokenizer, StopChecker
 from loraserve.engine.kv_cache import BlockManager, KVCache
-from loraserve.engine.kv_sizing import KVGeometry, kv_cache_blocks, kv_cache_budget
+from loraserve.engine.kv_sizing import KVGeometry, adapter_memory_budget, kv_cache_blocks, kv_cache_budget
 from loraserve.engine.output import Outputs
 from loraserve.engine.runner import ModelRunner
 from loraserve.engine.sampler import sample
@@ -60,7 +61,9 @@ class EngineConfig:
     """The engine's knobs, as plain values (built from ServerConfig by the server)."""
 
     adapters_dir: Path | None = None
-    max_loaded_adapters: int = 8
+    max_loaded_adapters: int | str = "auto"  # a slot count, or "auto": as many as the budget below holds
+    adapter_memory_bytes: int = 0
+    adapter_memory_fraction: float = 0.1
     max_lora_rank: int = 16
     max_host_adapter_bytes: int = 2 * 1024**3
     max_adapter_bytes: int = 0  # 0: derived from the base's modules and max_lora_rank
@@ -105,7 +108,7 @@ class Engine:
 
         self.slots = SlotTable.attach(
             loaded.model,
-            config.max_loaded_adapters,
+            self._slot_count(loaded, config),
             config.max_lora_rank,
             loaded.dtype,
             loaded.device,
@@ -147,9 +150,9 @@ class Engine:
             num_blocks,
             config.block_size,
             num_blocks * geometry.bytes_per_block(config.block_size, loaded.dtype) / 2**20,
-            config.max_loaded_adapters,
+            self.slots.num_slots,
             config.max_lora_rank,
-            self.slots.bytes_per_slot * config.max_loaded_adapters / 2**20,
+            self.slots.bytes_per_slot * self.slots.num_slots / 2**20,
         )
         self.scheduler = Scheduler(
             self.blocks,
@@ -170,6 +173,18 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._stopping = False
         self.steps = 0
+
+    @staticmethod
+    def _slot_count(loaded: LoadedModel, config: EngineConfig) -> int:
+        """Device slots: the configured count, or (auto) as many as the adapter memory budget holds.
+
+        Sized before the KV cache, which then takes its fraction of the memory left."""
+        if config.max_loaded_adapters != "auto":
+            return int(config.max_loaded_adapters)
+        targets = find_lora_targets(loaded.model, config.lora_target_modules)
+        shapes = {name: (linear.in_features, linear.out_features) for name, linear in targets.items()}
+        per_slot = bytes_per_slot(shapes, config.max_lora_rank, loaded.dtype)
+        return slot_count("auto", per_slot, adapter_memory_budget(config, loaded.device))
 
     # ------------------------------------------------------------------ public API
     @property

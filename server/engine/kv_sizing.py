@@ -1,4 +1,5 @@
-"""KV cache sizing: the cache's shape for a model, and how many blocks the engine allocates.
+"""KV cache sizing: the cache's shape for a model, and how many blocks the engine allocates; and
+the byte budget of the adapter slots (`auto` slots), taken from the same free memory first.
 
 One place for the arithmetic, used by the engine and by the benchmarks (which size the cache
 to their workload instead of to free memory).
@@ -67,3 +68,8 @@ def kv_cache_blocks(
 def kv_cache_budget(config: Any, device: torch.device) -> int:
     """The engine's KV budget in bytes: kv_cache_bytes when set, else a fraction of free memory."""
     return config.kv_cache_bytes or int(available_memory(device) * config.kv_cache_memory_fraction)
+
+
+def adapter_memory_budget(config: Any, device: torch.device) -> int:
+    """The adapter slots' budget in bytes: adapter_memory_bytes when set, else a fraction of free memory."""
+    return config.adapter_memory_bytes or int(available_memory(device) * config.adapter_memory_fraction)
