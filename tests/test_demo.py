@@ -1,17 +1,21 @@
 """The from-scratch toy demo (`loraserve demo --toy`, kept for the tests): adapters that clearly beat
-the base model, served with its model and adapter store."""
+the base model, served with its model and adapter store. The README's session runs against the
+real default demo instead (tests/test_readme_demo.py)."""
 
 from __future__ import annotations
 
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from loraserve.demo.build import ensure_demo
 from loraserve_client import Client
 from tests.helpers import ServerThread
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="session")
@@ -31,14 +35,17 @@ def demo():
 
 
 @pytest.fixture(scope="module")
-def demo_client(demo):
+def demo_server(demo):
     # The from-scratch toy demo (`loraserve demo --toy`): `make serve` serves the real model.
-    with (
-        ServerThread(
-            model=str(demo.model_dir), adapters_dir=str(demo.adapters_dir), kv_cache_bytes=8 << 20
-        ) as srv,
-        Client(srv.target) as client,
-    ):
+    with ServerThread(
+        model=str(demo.model_dir), adapters_dir=str(demo.adapters_dir), kv_cache_bytes=8 << 20
+    ) as srv:
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def demo_client(demo_server):
+    with Client(demo_server.target) as client:
         yield client
 
 
@@ -81,11 +88,7 @@ def test_support_bot_answers_and_adapters_differ(demo, demo_client: Client) -> N
 
 
 def test_client_examples_against_the_demo(demo_client: Client) -> None:
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    examples = Path(__file__).resolve().parent.parent / "clients" / "examples"
+    examples = ROOT / "clients" / "examples"
     target = demo_client.options.target
 
     def run(name: str, *args: str, stdin: str | None = None) -> str:

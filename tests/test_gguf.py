@@ -76,12 +76,52 @@ def test_smollm2_is_found_through_package_metadata(smollm2) -> None:
 
 
 @pytest.fixture(scope="module")
-def smollm2_server(smollm2):
-    server = ServerThread(model=str(smollm2), quantization="nf4").start(timeout=900)
+def smollm2_tuned(smollm2, tmp_path_factory):
+    """Two small adapters trained with QLoRA on SmolLM2 in NF4 for a few steps (different ranks
+    and targets), and PEFT's model with both on the same NF4 base: the reference."""
+    import json
+    import random
+
+    from peft import PeftModel
+
+    from loraserve.adapters.training import TrainConfig, train
+    from loraserve.demo.tasks import translation
+
+    root = tmp_path_factory.mktemp("smollm2-adapters")
+    rng = random.Random(0)
+    rows = [translation.pair(rng) for _ in range(32)]
+    data = root / "pt-en.jsonl"
+    data.write_text(
+        "".join(
+            json.dumps({"messages": [{"role": "user", "content": p}, {"role": "assistant", "content": e}]})
+            + "\n"
+            for p, e in rows
+        )
+    )
+    loaded = load_base_model(str(smollm2), "nf4", "cpu", "float32")
+    recipes = {"wide": ("all-linear", 8, 5e-3), "narrow": ("q_proj,v_proj", 4, 1e-2)}
+    for adapter_id, (targets, rank, lr) in recipes.items():
+        config = TrainConfig(
+            model=str(smollm2), data=data, adapters_dir=root / "store", adapter_id=adapter_id,
+            eval_fraction=0.0, target_modules=targets, rank=rank, alpha=2.0 * rank, lr=lr, steps=3,
+            batch_size=4, max_length=64, seed=len(adapter_id), quiet=True,
+        )  # fmt: skip
+        train(config, loaded.model, loaded.tokenizer)
+    reference = PeftModel.from_pretrained(loaded.model, str(root / "store" / "wide"), adapter_name="wide")
+    reference.load_adapter(str(root / "store" / "narrow"), adapter_name="narrow")
+    reference.eval()
+    return root / "store", reference
+
+
+@pytest.fixture(scope="module")
+def smollm2_server(smollm2, smollm2_tuned):
+    store, _ = smollm2_tuned
+    server = ServerThread(model=str(smollm2), quantization="nf4", adapters_dir=str(store)).start(timeout=900)
     yield server
     server.stop()
 
 
+@pytest.mark.timeout(1800)  # its fixtures load the real model and train on it
 def test_real_model_serves_chat_with_its_template_and_stops_at_im_end(smollm2, smollm2_server) -> None:
     from loraserve.demo.options import default_cache_dir
 
@@ -96,3 +136,42 @@ def test_real_model_serves_chat_with_its_template_and_stops_at_im_end(smollm2, s
     # <|im_end|> is its end-of-turn token: the answer stops there and the token is not shown.
     assert answer.finish_reason == "eos" and "<|im_end|>" not in answer.text
     assert answer.usage.completion_tokens < 40
+
+
+@pytest.mark.timeout(1800)  # its fixtures load the real model and train on it
+def test_mixed_adapter_batches_on_smollm2_match_peft(smollm2_tuned, smollm2_server) -> None:
+    """Chat requests on the base model and two adapters at once, batched together by the engine:
+    each answer's greedy tokens are PEFT's for that adapter on the same NF4 base."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import torch
+
+    _, reference = smollm2_tuned
+    questions = ["o gato preto", "Name a color of the sky.", "eu gosto de maçãs"]
+    jobs = [(q, a) for q in questions for a in ("", "wide", "narrow")]
+    with Client(smollm2_server.target) as client, ThreadPoolExecutor(len(jobs)) as pool:
+        prompt_ids = {q: client.tokenize(messages=[("user", q)]).token_ids for q in questions}
+        futures = [
+            pool.submit(client.chat, [("user", q)], a, max_new_tokens=8) for q, a in jobs
+        ]
+        served = {job: future.result().token_ids for job, future in zip(jobs, futures)}
+
+    def peft_tokens(question: str, adapter: str) -> list[int]:
+        ids = torch.tensor([prompt_ids[question]])
+        # Greedy, stopping at <|im_end|> (id 2) as the server does.
+        kwargs = {"max_new_tokens": 8, "do_sample": False, "pad_token_id": 2}
+        with torch.inference_mode():
+            if adapter:
+                reference.set_adapter(adapter)
+                out = reference.generate(input_ids=ids, **kwargs)
+            else:
+                with reference.disable_adapter():
+                    out = reference.generate(input_ids=ids, **kwargs)
+        return out[0, ids.shape[1] :].tolist()
+
+    expected = {job: peft_tokens(*job) for job in jobs}
+    mismatches = {job: (served[job], expected[job]) for job in jobs if served[job] != expected[job]}
+    assert not mismatches, mismatches
+    # The adapters change the answers: the comparison covers the LoRA path, not only the base.
+    assert any(served[(q, "wide")] != served[(q, "")] for q in questions)
+    assert any(served[(q, "narrow")] != served[(q, "")] for q in questions)

@@ -1,6 +1,6 @@
 """The README and docs/ against the code: generated tables are current, every metric is named,
 every command parses, every grpcurl body fits the proto, and nothing points outside the
-repository. (The examples' outputs are checked against a running demo in tests/test_demo.py.)"""
+repository. (The examples' outputs are checked against a running demo in tests/test_readme_demo.py.)"""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
 DOCS = [README, ROOT / "benchmarks" / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 # The demo's adapters are chat-trained: a raw `generate` prompt to them hits EOS at once.
-CHAT_ADAPTERS = ("pt-en", "en-pt", "support-bot")
+CHAT_ADAPTERS = ("pt-en", "pt-sentiment", "support-bot", "en-pt")
 
 
 def _script(name: str):

@@ -131,6 +131,10 @@ def maybe_start(build: TenantsBuild, admin: Any) -> DemoTraining | None:
 
 
 def in_background() -> None:
-    """Called in the child: run below the server's priority, so serving stays responsive."""
+    """Called in the child before any tensor work: below the server's priority, and one core
+    fewer than the machine has (one thread on two cores), so serving stays responsive."""
+    import torch
+
     with contextlib.suppress(OSError):
-        os.nice(10)
+        os.nice(10)  # before torch starts its worker threads: they inherit it
+    torch.set_num_threads(max(1, (os.cpu_count() or 2) - 1))

@@ -27,7 +27,7 @@ def demo_cli(args: Any) -> int:
     gguf_file = packaged_model()
     # The HF folder that the server converts on its first start (cached under the user cache).
     model_dir = convert(gguf_file, build.root.parent)
-    report = build_tenants(build, str(model_dir), mode="lines" if args.background or args.json else "bar")
+    report = build_tenants(build, str(gguf_file), mode="lines" if args.background or args.json else "bar")
     if args.background:
         return 0
     if args.json:

@@ -44,7 +44,7 @@ def score(metric: str, expected: Sequence[str], answers: Sequence[str]) -> float
 
 
 def chat_answers(
-    model: Any, tokenizer: Any, prompts: Sequence[str], max_new_tokens: int, batch_size: int = 16
+    model: Any, tokenizer: Any, prompts: Sequence[str], max_new_tokens: int, batch_size: int = 32
 ) -> list[str]:
     """The model's greedy answer to each prompt as a one-turn chat."""
     import torch
