@@ -54,7 +54,7 @@ ENV LORASERVE_HOST=0.0.0.0 \
     LORASERVE_CACHE_DIR=/home/loraserve/.cache/loraserve
 VOLUME ["/home/loraserve/.cache/loraserve"]
 
-EXPOSE 50051 9090
+EXPOSE 50051 8000 9090
 HEALTHCHECK --interval=15s --timeout=5s --start-period=300s --retries=3 \
     CMD ["loraserve", "health", "--target", "127.0.0.1:50051", "--timeout", "4"]
 STOPSIGNAL SIGTERM

@@ -22,7 +22,7 @@ def test_dockerfile_contract() -> None:
         by_cmd.setdefault(command.cmd.upper(), []).append(command.value)
     assert by_cmd["FROM"][0][0].startswith("nvidia/cuda:") and ":" in by_cmd["FROM"][0][0]
     assert by_cmd["USER"][-1] == ("loraserve",)  # runs as non-root
-    assert set(by_cmd["EXPOSE"][0]) == {"50051", "9090"}
+    assert set(by_cmd["EXPOSE"][0]) == {"50051", "8000", "9090"}
     health = by_cmd["HEALTHCHECK"][0]
     assert health[0] == "CMD" and health[1:3] == ("loraserve", "health")
     copied = {value[0] for value in by_cmd["COPY"]}
