@@ -1,7 +1,7 @@
 """The one error boundary of every front end: admission, identity, request ids, failures.
 
-A front end (gRPC in loraserve.handlers, Ray Serve in loraserve.ray_app, HTTP later) does only
-its transport's work around the guard:
+A front end (gRPC in loraserve.handlers, Ray Serve in loraserve.ray_app, HTTP in
+loraserve.http_api) does only its transport's work around the guard:
 
     call = guard.open("Generate", deadline)              # request id, deadline
     try:

@@ -1,6 +1,6 @@
 """The HTTP side of the one error boundary: what each route does around the shared guard.
 
-    call = edge.open("POST /v1/chat/completions")           # request id
+    call = edge.open("/v1/chat/completions")  # request id
     try:
         edge.admit(call, request)                 # phase, API key (Authorization: Bearer), deadline
         body = await edge.body(request, Model)    # size limit, JSON, strict pydantic: 400 naming the field

@@ -22,7 +22,7 @@ from loraserve.engine.sequence import FinishReason, SamplingParams
 from loraserve.generation import Delta, FinalRecord, GenerationInput
 from loraserve.guard import Call, Guard
 from loraserve.http_api.edge import ClientGone, HttpEdge, until_disconnected
-from loraserve.http_api.errors import sse_error
+from loraserve.http_api.errors import PublicError, sse_error
 from loraserve.http_api.lorax_schemas import (
     Details,
     GenerateRequest,
@@ -87,7 +87,7 @@ class LoraxRoutes:
     async def compat(self, request: Request) -> Response:
         return await self._serve(request, "/", stream=None, as_list=True)
 
-    def error(self, public: Any, request_id: str) -> JSONResponse:
+    def error(self, public: PublicError, request_id: str) -> JSONResponse:
         return JSONResponse(public.lorax_body(), public.status, headers=public.headers(request_id))
 
     async def _serve(self, request: Request, method: str, stream: bool | None, as_list: bool) -> Response:
