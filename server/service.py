@@ -9,6 +9,7 @@ for Ray Serve) reports them. Nothing here touches a gRPC context.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -179,7 +180,10 @@ class AdapterAdminService:
         return pb2.UnloadAdapterResponse(adapter=adapter_info(row))
 
     async def ListAdapters(self, request: pb2.ListAdaptersRequest, call: Call) -> pb2.ListAdaptersResponse:
-        rows = self.admin.list(include_disk=request.include_disk)
+        if request.include_disk:  # lists the store's folders: off the event loop
+            rows = await asyncio.to_thread(self.admin.list, True)
+        else:
+            rows = self.admin.list()
         return pb2.ListAdaptersResponse(adapters=[adapter_info(row) for row in rows])
 
 
