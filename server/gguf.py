@@ -17,7 +17,6 @@ import hashlib
 import importlib.metadata
 import json
 import logging
-import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -122,6 +121,8 @@ def convert(gguf_file: Path, cache_dir: Path) -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
+    from loraserve.adapters.training import publish_permissions
+
     # transformers shows a tqdm bar per tensor while dequantizing: the progress of this step.
     hf_logging.enable_progress_bar()
     folder, name = str(gguf_file.parent), gguf_file.name
@@ -143,11 +144,10 @@ def convert(gguf_file: Path, cache_dir: Path) -> Path:
         (staging / MARKER).write_text(
             json.dumps({"source": str(gguf_file.resolve()), "architecture": architecture, "recipe": RECIPE})
         )
-        # mkdtemp makes the folder 0700: give it the umask's usual permissions, so that a
-        # server running as another user (the Docker image's) can read the cache.
-        umask = os.umask(0)
-        os.umask(umask)
-        staging.chmod(0o777 & ~umask)
+        # mkdtemp makes the folder 0700 and safetensors writes the weights 0600: give the tree the
+        # umask's usual permissions, so that a server running as another user (the Docker
+        # image's) can read the cache.
+        publish_permissions(staging)
         if target.exists():
             shutil.rmtree(target)
         staging.rename(target)
