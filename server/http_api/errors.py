@@ -102,7 +102,7 @@ def public_error(error: ServeError, renames: dict[str, str] | None = None) -> Pu
     message, param = rename_field(error.message, renames or {})
     status = getattr(error, "http_status", None) or HTTP_STATUS.get(error.code, 500)
     openai_code = None
-    if error.code == "NOT_FOUND" and "adapter" in message:
+    if error.code == "NOT_FOUND" and ("adapter" in message or "model" in message):
         openai_code = "model_not_found"
     elif error.code == "UNAUTHENTICATED":
         openai_code = "invalid_api_key"

@@ -23,7 +23,7 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
 from loraserve.engine.sequence import FinishReason, SamplingParams
-from loraserve.errors import InvalidArgument, PermissionDenied
+from loraserve.errors import InvalidArgument, NotFound, PermissionDenied
 from loraserve.generation import Delta, FinalRecord, GenerationInput
 from loraserve.guard import Call, Guard
 from loraserve.http_api.edge import ClientGone, HttpEdge, until_disconnected
@@ -112,6 +112,7 @@ class OpenAIRoutes:
     def routes(self) -> list[Route]:
         return [
             Route("/v1/models", self.models, methods=["GET"]),
+            Route("/v1/models/{model:path}", self.model, methods=["GET"]),
             Route("/v1/chat/completions", self.chat, methods=["POST"]),
             Route("/v1/completions", self.completions, methods=["POST"]),
             Route("/v1/load_lora_adapter", self.load_lora_adapter, methods=["POST"]),
@@ -141,27 +142,45 @@ class OpenAIRoutes:
         return Guard.adapter(call, "" if model in (BASE, self.base_model_name()) else model)
 
     # ------------------------------------------------------------------ models
+    async def _cards(self, call: Call) -> list[ModelCard]:
+        """The base model and the store's adapters, as far as the caller may use them."""
+        rows = await asyncio.to_thread(self.edge.services.admin.list, True)  # lists the store's folders
+        base = self.base_model_name()
+        cards = []
+        principal = call.principal
+        if principal.base_model:
+            cards.append(ModelCard(id=base, created=self.created, owned_by="loraserve"))
+        for row in rows:
+            try:
+                principal.check_adapter(row.adapter_id)
+            except PermissionDenied:
+                continue  # a key sees the adapters it may use
+            org = row.adapter_id.split("/")[0] if "/" in row.adapter_id else "loraserve"
+            cards.append(
+                ModelCard(id=row.adapter_id, created=self.created, owned_by=org, root=base, parent=base)
+            )
+        return cards
+
     async def models(self, request: Request) -> Response:
         async def work(call: Call) -> Response:
-            services = self.edge.services
-            rows = await asyncio.to_thread(services.admin.list, True)  # lists the store's folders
-            base = self.base_model_name()
-            cards = []
-            principal = call.principal
-            if principal.base_model:
-                cards.append(ModelCard(id=base, created=self.created, owned_by="loraserve"))
-            for row in rows:
-                try:
-                    principal.check_adapter(row.adapter_id)
-                except PermissionDenied:
-                    continue  # a key sees the adapters it may use
-                org = row.adapter_id.split("/")[0] if "/" in row.adapter_id else "loraserve"
-                cards.append(
-                    ModelCard(id=row.adapter_id, created=self.created, owned_by=org, root=base, parent=base)
-                )
+            cards = await self._cards(call)
             return JSONResponse(ModelList(data=cards).model_dump(), headers={"x-request-id": call.request_id})
 
         return await self._guarded(request, "/v1/models", work)
+
+    async def model(self, request: Request) -> Response:
+        """OpenAI's retrieve-model: one card, or 404."""
+
+        async def work(call: Call) -> Response:
+            wanted = request.path_params["model"]
+            if wanted == BASE:
+                wanted = self.base_model_name()
+            for card in await self._cards(call):
+                if card.id == wanted:
+                    return JSONResponse(card.model_dump(), headers={"x-request-id": call.request_id})
+            raise NotFound(f"model {wanted!r} not found (or not allowed to this key)")
+
+        return await self._guarded(request, "/v1/models/{model}", work)
 
     # ------------------------------------------------------------------ generation
     async def chat(self, request: Request) -> Response:

@@ -33,6 +33,10 @@ def test_models_lists_the_base_model_and_every_adapter_of_the_store(oai, http_se
     assert set(models) == {base, "a1", "org/a2", "a3", "a4", "a5", "a6"}
     assert models["org/a2"].owned_by == "org"
     assert models["a1"].owned_by == "loraserve"
+    assert oai.models.retrieve("org/a2").owned_by == "org"
+    assert oai.models.retrieve("__base__").id == base
+    with pytest.raises(openai.NotFoundError):
+        oai.models.retrieve("no-such-adapter")
 
 
 def test_chat_completions_equal_grpc_chat_greedy(oai, http_server) -> None:
