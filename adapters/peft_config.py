@@ -24,7 +24,6 @@ import time
 from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import regex
@@ -91,9 +90,6 @@ class LoraAdapterConfig:
     def scale(self, alpha: float, rank: int) -> float:
         """PEFT's scaling: alpha / r, or alpha / sqrt(r) with rsLoRA."""
         return alpha / math.sqrt(rank) if self.use_rslora else alpha / rank
-
-    def scale_for(self, module_name: str, rank: int) -> float:
-        return self.scale(self.alpha_for(module_name), rank)
 
     def targets(self, module_name: str, deadline: float | None = None) -> bool:
         """Would PEFT have put a LoRA layer on this module (full name, e.g. model.layers.0.mlp.up_proj)?"""
@@ -347,11 +343,3 @@ def parse_adapter_config_bytes(data: bytes) -> LoraAdapterConfig:
 
 def _no_constant(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
-
-
-def read_adapter_config(path: Path) -> LoraAdapterConfig:
-    try:
-        data = path.read_bytes()
-    except OSError as error:
-        raise FailedPrecondition(f"adapter_config.json cannot be read: {error}") from None
-    return parse_adapter_config_bytes(data)
