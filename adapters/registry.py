@@ -20,7 +20,7 @@ refused without being parsed again, and forgotten when the files change.
 from __future__ import annotations
 
 import enum
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
@@ -57,10 +57,13 @@ class Failure:
 
 
 def _error_classes() -> dict[str, type[ServeError]]:
+    """Code -> class to raise. Breadth-first in definition order, so that loraserve.errors' own
+    class of a code wins over a later subclass reusing it (HTTP's PayloadTooLarge is an
+    INVALID_ARGUMENT answered 413): which modules were imported first must not matter."""
     classes: dict[str, type[ServeError]] = {}
-    pending = list(ServeError.__subclasses__())
+    pending = deque(ServeError.__subclasses__())
     while pending:
-        cls = pending.pop()
+        cls = pending.popleft()
         classes.setdefault(cls.code, cls)
         pending.extend(cls.__subclasses__())
     return classes
