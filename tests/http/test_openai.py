@@ -4,6 +4,7 @@ greedy outputs equal gRPC's, streaming and not, on the same engine."""
 from __future__ import annotations
 
 import json
+import re
 
 import httpx
 import openai
@@ -199,3 +200,14 @@ def test_cached_prompt_tokens_are_reported_as_openai_does(oai, http_server) -> N
     if http_server.config.model_dump().get("enable_prefix_caching"):
         assert details[1].cached_tokens > 0
     assert details[1].cached_tokens < answers[1].usage.prompt_tokens
+
+
+def test_playground_page_is_self_contained(base_url) -> None:
+    """One page that fetches nothing from elsewhere (its policy forbids it) and uses only /v1."""
+    page = httpx.get(base_url + "/", timeout=60)
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    policy = page.headers["content-security-policy"]
+    assert "connect-src 'self'" in policy and "default-src 'none'" in policy
+    assert "://" not in page.text and "<script src" not in page.text
+    paths = set(re.findall(r'"(/[a-z0-9/_]+)"', page.text))
+    assert paths == {"/v1/models", "/v1/chat/completions", "/v1/completions"}
