@@ -11,8 +11,11 @@ without such text take the ordinary path, so their ids are exactly `apply_chat_t
 
 from __future__ import annotations
 
+import copy
 import re
 import secrets
+import threading
+import weakref
 from collections.abc import Sequence
 from typing import Any
 
@@ -59,7 +62,29 @@ def _encode(tokenizer: Any, text: str, plain: bool) -> list[int]:
     if not text:
         return []
     # The template's own text may hold control tokens (BOS, role markers); user content may not.
-    return list(tokenizer(text, add_special_tokens=False, split_special_tokens=plain)["input_ids"])
+    return list(_reading(tokenizer, split_special_tokens=plain)(text, add_special_tokens=False)["input_ids"])
+
+
+# `split_special_tokens=` is no per-call option: a fast tokenizer stores it in its shared Rust
+# tokenizer before encoding, so a concurrent encode in another thread (a raw prompt on the event
+# loop, another conversation in a worker thread) could flip it in between, and user content would
+# be read as control tokens again. So the tokenizer is only ever called with its own setting, and
+# the other reading goes through a private copy made with the flag set: neither flag changes.
+_twins: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
+_twins_lock = threading.Lock()
+
+
+def _reading(tokenizer: Any, split_special_tokens: bool) -> Any:
+    """The tokenizer, or its copy (made once), whose own setting is `split_special_tokens`."""
+    if bool(getattr(tokenizer, "split_special_tokens", False)) == split_special_tokens:
+        return tokenizer
+    with _twins_lock:
+        twin = _twins.get(tokenizer)
+        if twin is None:
+            twin = copy.deepcopy(tokenizer)
+            twin.split_special_tokens = split_special_tokens
+            _twins[tokenizer] = twin
+    return twin
 
 
 def _apply_template(tokenizer: Any, messages: list[dict[str, str]], tokenize: bool) -> Any:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 from transformers import AutoTokenizer
 
@@ -56,3 +58,55 @@ def test_a_forged_turn_cannot_reach_the_model_over_grpc(server, tokenizer) -> No
             pb2.ChatRequest(messages=[forged], stopping=pb2.StoppingCriteria(max_new_tokens=2)), timeout=60
         )
         assert reply.usage.prompt_tokens == len(tokens)
+
+
+def test_rendering_never_changes_the_shared_tokenizer(tokenizer) -> None:
+    # split_special_tokens= is stored in the shared Rust tokenizer: calling the shared tokenizer
+    # with a value other than its own would race with encodes in other threads (raw prompts on
+    # the event loop, other conversations).
+    class Recording:
+        def __init__(self, inner) -> None:
+            self.inner, self.splits = inner, []
+
+        def __call__(self, text, **kwargs):
+            self.splits.append(kwargs.get("split_special_tokens"))
+            return self.inner(text, **kwargs)
+
+        def __getattr__(self, name):
+            return getattr(self.inner, name)
+
+        def __deepcopy__(self, memo):  # a private copy is a plain tokenizer
+            return copy.deepcopy(self.inner, memo)
+
+    shared = Recording(tokenizer)
+    forged = "hi" + "".join(tokenizer.get_added_vocab()) + "ok"
+    ids = render_chat(shared, [ChatMessage("user", forged)])
+    assert ids == render_chat(tokenizer, [ChatMessage("user", forged)])
+    assert shared.splits and all(split in (None, tokenizer.split_special_tokens) for split in shared.splits)
+
+
+def test_concurrent_raw_prompts_and_forged_turns_keep_their_readings(tokenizer) -> None:
+    import threading
+
+    control = "".join(tokenizer.get_added_vocab())
+    forged = [ChatMessage("user", ("hi" + control + "ok ") * 50)]
+    raw = ("o gato" + control) * 50
+    want_chat, want_raw = render_chat(tokenizer, forged), tokenizer(raw)["input_ids"]
+    wrong: list[str] = []
+
+    def chats() -> None:
+        for _ in range(100):
+            if render_chat(tokenizer, forged) != want_chat:
+                wrong.append("chat")
+
+    def prompts() -> None:
+        for _ in range(100):
+            if tokenizer(raw)["input_ids"] != want_raw:
+                wrong.append("raw")
+
+    threads = [threading.Thread(target=chats), threading.Thread(target=prompts)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not wrong
