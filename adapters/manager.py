@@ -61,12 +61,16 @@ class AdapterManager:
         metrics: object | None = None,
         wake: Callable[[], None] | None = None,
         max_adapter_bytes: int = 0,
+        on_retire: Callable[[str], None] | None = None,
     ) -> None:
         self.store = store
         self.slots = slots
         self.base_model_name = base_model_name
         self.metrics = metrics
         self.wake = wake or (lambda: None)
+        # Told the id of an adapter unloaded or replaced by a reload (any thread, lock held): the
+        # engine then drops the KV blocks cached under that version.
+        self.on_retire = on_retire or (lambda adapter_id: None)
         self.limits = ReadLimits(
             dict(slots.shapes), slots.max_rank, max_adapter_bytes, max_abs_weight_for(slots.dtype)
         )
@@ -214,6 +218,8 @@ class AdapterManager:
                 raise NotFound(f"adapter {adapter_id!r} is not loaded")
             entry.draining = True
             entry.admin_pinned = False
+            self._registry.next_generation(adapter_id)
+            self.on_retire(adapter_id)
             if entry.in_flight == 0:
                 self._retire(entry)
             return entry.info()
@@ -417,6 +423,8 @@ class AdapterManager:
         self._registry.drop(entry)
         entry.draining = True
         entry.admin_pinned = False
+        self._registry.next_generation(entry.adapter_id)
+        self.on_retire(entry.adapter_id)
         failure = Failure.of(Unavailable(f"adapter {entry.adapter_id!r} was reloaded while loading; retry"))
         self._resolve(entry, failure)
         if entry.in_flight == 0:

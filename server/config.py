@@ -111,6 +111,11 @@ class ServerConfig(BaseSettings):
     tenant_weights: dict[str, float] = Field(
         default_factory=dict, description='Fair-share weights per tenant, as JSON: {"acme": 2.0}.'
     )
+    enable_prefix_caching: bool = Field(
+        True,
+        description="Reuse the KV blocks of a prompt prefix already computed for the same tenant, adapter "
+        "and adapter load (system prompts, chat history); --no-enable-prefix-caching turns it off.",
+    )
 
     # --- request limits --------------------------------------------------------------------
     default_max_new_tokens: int = Field(256, ge=1, description="max_new_tokens when a request sets 0.")

@@ -177,6 +177,27 @@ class Metrics:
         self.preemptions = Counter(
             name("preemptions"), "Running requests preempted (KV recomputed later).", registry=r
         )
+        # --- prefix cache ---
+        self.prefix_cache_queries = Counter(
+            name("prefix_cache_queries"),
+            "Tokens of the sequences looked up in the prefix cache when admitted.",
+            registry=r,
+        )
+        self.prefix_cache_hits = Counter(
+            name("prefix_cache_hits"),
+            "Tokens whose KV came from the prefix cache (prefill skipped).",
+            registry=r,
+        )
+        self.prefix_cache_blocks = Gauge(
+            name("prefix_cache_blocks"),
+            "KV blocks held by no request whose content stays reusable until evicted.",
+            registry=r,
+        )
+        self.prefix_cache_evictions = Counter(
+            name("prefix_cache_evictions"),
+            "Cached KV blocks dropped: reused for other tokens, or of an unloaded or reloaded adapter.",
+            registry=r,
+        )
         # --- adapters ---
         self.adapter_slots_used = Gauge(
             name("adapter_slots_used"), "Device slots holding an adapter.", registry=r

@@ -36,6 +36,7 @@ from loraserve.engine.detokenizer import IncrementalDetokenizer, StopChecker
 from loraserve.engine.kv_cache import BlockManager, KVCache
 from loraserve.engine.kv_sizing import KVGeometry, adapter_memory_budget, kv_cache_blocks, kv_cache_budget
 from loraserve.engine.output import Outputs
+from loraserve.engine.prefix_cache import PrefixCache
 from loraserve.engine.runner import ModelRunner
 from loraserve.engine.sampler import sample
 from loraserve.engine.scheduler import Scheduler
@@ -78,6 +79,7 @@ class EngineConfig:
     tenant_weights: dict[str, float] = field(default_factory=dict)
     max_queue_size: int = 1024
     max_queue_per_tenant: int = 256
+    enable_prefix_caching: bool = True
 
     @classmethod
     def from_server_config(cls, config: Any) -> EngineConfig:
@@ -125,6 +127,8 @@ class Engine:
             metrics,
             wake=self.wake,
             max_adapter_bytes=config.max_adapter_bytes,
+            # The prefix cache exists by the time an adapter can be unloaded or reloaded.
+            on_retire=lambda adapter_id: self.prefix_cache.retire(adapter_id),
         )
         geometry = KVGeometry.of(loaded.model.config)
         num_blocks = kv_cache_blocks(
@@ -136,6 +140,7 @@ class Engine:
             loaded.max_context_length,
         )
         self.blocks = BlockManager(num_blocks, config.block_size)
+        self.prefix_cache = PrefixCache(self.blocks, loaded.name, config.enable_prefix_caching, metrics)
         self.kv = KVCache(
             geometry.num_layers,
             num_blocks,
@@ -161,6 +166,7 @@ class Engine:
             config.max_num_batched_tokens,
             config.tenant_weights,
             metrics,
+            self.prefix_cache,
         )
         self.runner = ModelRunner(loaded.model, self.kv, self.slots, loaded.device)
         self.admission = Admission(config.max_queue_size, config.max_queue_per_tenant)
@@ -403,6 +409,7 @@ class Engine:
             seq = item.seq
             if not item.samples:
                 seq.num_computed += item.num_new
+                self.prefix_cache.commit(seq)
                 continue
             result = next(rows)
             if isinstance(result, ServeError):
@@ -410,6 +417,7 @@ class Engine:
                 self.outputs.finish(seq, FinishReason.ERROR, result)
                 continue
             seq.num_computed += item.num_new
+            self.prefix_cache.commit(seq)  # before append, which may end it and release its blocks
             self.outputs.append(seq, result)
 
     # ------------------------------------------------------------------ helpers
@@ -456,6 +464,7 @@ class Engine:
         self.metrics.requests_running.set(self.scheduler.num_running)
         self.metrics.requests_waiting.set(self.scheduler.num_waiting)
         self.metrics.kv_cache_usage.set(self.blocks.usage)
+        self.prefix_cache.report()
 
     def _report_step(self, batch: list[ScheduledSeq], seconds: float) -> None:
         if self.metrics is None:

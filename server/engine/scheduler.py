@@ -4,7 +4,9 @@ Order within a step: running decodes first (one token each, so latency stays low
 running prompts in progress (chunked prefill), then new admissions from the waiting queues
 in fair-share order. A waiting request is admitted only when its adapter holds a device
 slot (placed now if its weights are in host memory; loaded off-thread otherwise, the
-request staying queued meanwhile) and the KV blocks for its first chunk are free. When a
+request staying queued meanwhile) and the KV blocks for its first chunk are free; it first
+takes the cached blocks of its longest cached prefix (prefix_cache.py), and its prefill starts
+after them (a re-admitted preempted sequence too, so recompute often finds its own blocks). When a
 running sequence cannot grow, the most recently admitted one is preempted: its blocks go
 back to the pool and it re-queues at the front of its tenant's queue, to be recomputed.
 
@@ -31,6 +33,7 @@ from collections import deque
 
 from loraserve.engine.fairness import VirtualTokenCounter
 from loraserve.engine.kv_cache import BlockManager
+from loraserve.engine.prefix_cache import PrefixCache
 from loraserve.engine.sequence import ScheduledSeq, Sequence, Status
 from loraserve.errors import InternalError, ServeError
 
@@ -57,8 +60,10 @@ class Scheduler:
         max_num_batched_tokens: int,
         tenant_weights: dict[str, float] | None = None,
         metrics: object | None = None,
+        prefix_cache: PrefixCache | None = None,
     ) -> None:
         self.blocks = blocks
+        self.prefix_cache = prefix_cache or PrefixCache(blocks, "", enabled=False)
         self.adapters = adapters  # adapters.manager.AdapterManager, or None without a store
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
@@ -116,6 +121,7 @@ class Scheduler:
         budget = self.max_num_batched_tokens
         batch: list[ScheduledSeq] = []
         failed: list[tuple[Sequence, ServeError]] = []
+        self.prefix_cache.apply_retirements()
 
         for seq in self.running:
             if seq.remaining < 1:
@@ -138,11 +144,14 @@ class Scheduler:
             seq = self._next_admissible(failed)
             if seq is None:
                 break
-            n = min(seq.remaining, budget)
-            if not self.blocks.can_grow(seq.block_table, seq.num_computed + n):
+            hits = self.prefix_cache.match(seq)
+            cached = len(hits) * self.blocks.block_size
+            n = min(seq.num_tokens - cached, budget)
+            if not self.blocks.can_take(hits, cached + n):
                 self._release_slot_if_unused(seq)
                 break
             self._admit(seq)
+            self.prefix_cache.attach(seq, hits)
             self.blocks.grow(seq.block_table, seq.num_computed + n)
             batch.append(ScheduledSeq(seq, n))
             budget -= n
