@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 SYSTEMS = ("engine", "engine-base", "peft-batch", "peft-serial", "bare-loop")
-SCENARIOS = ("custom", "decode-distinct", "poisson", "overhead", "adapter-load", "sweep", "all")
+SCENARIOS = ("custom", "decode-distinct", "poisson", "overhead", "adapter-load", "sweep", "chat", "all")
 
 
 def length_range(text: str) -> tuple[int, int]:
@@ -22,8 +22,8 @@ def add_bench_flags(parser: argparse.ArgumentParser) -> None:
         "--scenario",
         choices=SCENARIOS,
         default="custom",
-        help="decode-distinct, poisson, overhead, adapter-load, sweep: fixed presets (benchmarks/README.md); "
-        "all: every preset; custom: the workload flags below",
+        help="decode-distinct, poisson, overhead, adapter-load, sweep, chat: fixed presets "
+        "(benchmarks/README.md); all: every preset; custom: the workload flags below",
     )
     parser.add_argument(
         "--model-size",

@@ -9,6 +9,8 @@ Scenarios (on the bench model of loraserve.benchmarks.models unless --model-size
 - adapter-load: LoadAdapter over gRPC, disk -> device slot, p50, against PEFT load_adapter (goal: >= 10x);
 - sweep: throughput as the adapter count grows to thousands (power-law popularity, default slots),
   as a ratio to the 8-adapter point (goal: >= 0.9x at 1,024), PEFT beside it where it keeps up;
+- chat: multi-turn conversations over N tenants' adapters and system prompts, with the prefix
+  cache on vs off (goal: TTFT p50 >= 3x lower with it, throughput not lower; benchmarks/chat.py);
 - custom: the workload given by the flags, on the systems given by --systems.
 """
 
@@ -25,6 +27,7 @@ from typing import Any
 import torch
 
 from loraserve.benchmarks import systems as sysmod
+from loraserve.benchmarks.chat import scenario_chat
 from loraserve.benchmarks.models import BenchAssets, prepare
 from loraserve.benchmarks.report import plot, ratios, summarize, write_report
 from loraserve.benchmarks.workload import BenchRequest, WorkloadSpec, make_workload, with_adapter
@@ -586,6 +589,7 @@ SCENARIOS = {
     "overhead": scenario_overhead,
     "adapter-load": scenario_adapter_load,
     "sweep": scenario_sweep,
+    "chat": scenario_chat,
     "custom": scenario_custom,
 }
 
@@ -593,7 +597,7 @@ SCENARIOS = {
 def run(args: argparse.Namespace) -> dict[str, Any]:
     bench = Bench(args)
     names = (
-        ["decode-distinct", "poisson", "overhead", "adapter-load", "sweep"]
+        ["decode-distinct", "poisson", "overhead", "adapter-load", "sweep", "chat"]
         if args.scenario == "all"
         else [args.scenario]
     )
