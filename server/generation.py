@@ -181,9 +181,11 @@ class GenerationCore:
         prompt_ids, prompt_text = await self._prompt(request)
         stopping = check_stopping(request.stopping, len(prompt_ids), self.limits)
         if request.deadline is not None:
-            remaining = request.deadline - time.monotonic()
-            if remaining + DEADLINE_GRACE_SECONDS < stopping.max_time_seconds:
-                stopping = replace(stopping, max_time_seconds=max(remaining, 0.0) + DEADLINE_GRACE_SECONDS)
+            # The engine counts max_time_seconds from the arrival (GenerationRequest.arrival), not
+            # from now: tokenizing may already have taken a while.
+            allowed = max(request.deadline - request.arrival, 0.0) + DEADLINE_GRACE_SECONDS
+            if allowed < stopping.max_time_seconds:
+                stopping = replace(stopping, max_time_seconds=allowed)
         generation = GenerationRequest(
             request_id=request.request_id,
             prompt_ids=prompt_ids,

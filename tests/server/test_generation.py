@@ -100,3 +100,29 @@ def test_leaving_a_stream_early_releases_its_request(core) -> None:
     wait_idle(engine)
     assert engine.in_flight == 0 and engine.blocks.num_free == engine.blocks.num_blocks
     assert all(row.in_flight == 0 for row in engine.adapters.describe())
+
+
+def test_the_engine_backstop_is_the_callers_deadline_plus_grace() -> None:
+    # The engine counts max_time_seconds from the arrival: time spent before submission (a long
+    # prompt tokenized in a busy thread pool) must not end the request before the caller's deadline.
+    from loraserve.generation import DEADLINE_GRACE_SECONDS
+
+    class Loaded:
+        tokenizer = [None] * 100  # only its length (the vocabulary) is read for prompt ids
+
+    limits = Limits(
+        max_context_length=64,
+        max_prompt_tokens=32,
+        max_prompt_chars=1000,
+        max_messages=8,
+        max_stop_sequences=4,
+        max_stop_sequence_chars=16,
+        default_max_new_tokens=8,
+        max_request_seconds=600.0,
+    )
+    core = GenerationCore(Loaded(), None, limits, None)
+    arrival = time.monotonic() - 5.0  # 5 s ago
+    request = _input("backstop", prompt_ids=(1, 2, 3), arrival=arrival, deadline=arrival + 10.0)
+    generation, _ = asyncio.run(core._engine_request(request))
+    engine_deadline = generation.arrival + generation.stopping.max_time_seconds
+    assert engine_deadline == pytest.approx(request.deadline + DEADLINE_GRACE_SECONDS, abs=1e-6)
