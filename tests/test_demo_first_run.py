@@ -10,6 +10,7 @@ user cache, as a second start of the server would find it.
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
 
 import pytest
 
@@ -22,6 +23,16 @@ from loraserve_client.errors import Unavailable
 from tests.helpers import ServerThread
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(2400)]
+
+
+@contextmanager
+def serving(**config):
+    """A test server given the time the real model takes to load on a busy machine."""
+    server = ServerThread(**config).start(timeout=900)
+    try:
+        yield server
+    finally:
+        server.stop()
 
 
 @pytest.fixture
@@ -38,7 +49,7 @@ def fresh_cache(tmp_path, monkeypatch):
 
 def test_first_run_serves_at_once_and_hot_loads_each_adapter_when_trained(fresh_cache) -> None:
     build = tenants_build(fresh_cache)
-    with ServerThread(model=None).start(timeout=900) as server:
+    with serving(model=None) as server:
         training = server.server.demo_training
         assert training is not None and training.missing == list(TENANT_IDS)
         with Client(server.target, retries=0) as client:
@@ -66,5 +77,5 @@ def test_first_run_serves_at_once_and_hot_loads_each_adapter_when_trained(fresh_
         assert status is not None and all(p.state == READY for p in status.adapters.values())
         assert set(build.report()["adapters"]) == set(TENANT_IDS) and build.missing() == []
     # A later start finds everything built and trains nothing.
-    with ServerThread(model=None).start(timeout=900) as server:
+    with serving(model=None) as server:
         assert server.server.demo_training is None

@@ -77,9 +77,9 @@ TENANTS = (
     Tenant(
         "pt-sentiment",
         "exact_match",
-        train_examples=128,
+        train_examples=256,
         held_out_examples=32,
-        steps=16,
+        steps=32,
         lr=3e-3,
         max_new_tokens=6,
         instruction=(
@@ -345,7 +345,7 @@ def train_tenant(
     )
     with_adapter = PeftModel.from_pretrained(base, str(result.adapter_dir))
     adapter_answers = chat_answers(with_adapter, tokenizer, prompts, tenant.max_new_tokens)
-    with_adapter.unload()  # the base model as it was, for the next tenant
+    with_adapter.unload()
     entry = {
         "metric": tenant.metric,
         "held_out_examples": len(pairs),
@@ -380,15 +380,15 @@ def build_tenants(
         if not todo:
             return build.report()
         progress = Progress(build, todo, mode)
-        progress.say(
-            f"loading {Path(model_path).name} in NF4 to train {', '.join(t.adapter_id for t in todo)}"
-        )
         from loraserve.model_loader import load_base_model
 
-        loaded = load_base_model(model_path, "nf4", "cpu", "float32")
-        # PEFT records this as the adapters' base model: the name the server serves it under.
-        loaded.model.config._name_or_path = loaded.name
         for index, tenant in enumerate(todo, start=1):
+            # A pristine NF4 base for each adapter: training leaves hooks and flags on the model
+            # (an adapter trained on a reused one learnt badly: its loss stalled, then rose).
+            progress.say(f"loading {Path(model_path).name} in NF4 to train {tenant.adapter_id}")
+            loaded = load_base_model(model_path, "nf4", "cpu", "float32")
+            # PEFT records this as the adapters' base model: the name the server serves it under.
+            loaded.model.config._name_or_path = loaded.name
             progress.start(tenant, index)
             try:
                 entry = train_tenant(tenant, build, loaded, model_path, progress)
