@@ -1,7 +1,7 @@
 """Adapter tiers: device slots <- host-memory LRU <- disk (the store), with pins and drains.
 
 Who calls what:
-- request path (any thread, under the engine's lock, no I/O): `acquire(id)` when a request
+- request path (any thread, no I/O): `acquire(id)` when a request
   arrives (an unloading adapter fails here), `release(entry)` when it ends;
 - engine thread, between steps: `plan_queue(entries)` tells it what the queued requests need,
   in the order the scheduler would admit them; `try_place(entry)` puts an adapter in a device

@@ -17,8 +17,8 @@ import torch
 from torch import nn
 
 from loraserve.config import ConfigError
-from loraserve.demo.options import default_cache_dir
 from loraserve.gguf import convert, gguf_file_of
+from loraserve.paths import default_cache_dir
 
 log = logging.getLogger(__name__)
 

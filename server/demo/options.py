@@ -3,16 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
 
+from loraserve.paths import default_cache_dir
 
-def default_cache_dir() -> Path:
-    """$LORASERVE_CACHE_DIR, else $XDG_CACHE_HOME/loraserve, else ~/.cache/loraserve."""
-    if os.environ.get("LORASERVE_CACHE_DIR"):
-        return Path(os.environ["LORASERVE_CACHE_DIR"]).expanduser()
-    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return base / "loraserve"
+__all__ = ["add_demo_flags", "default_cache_dir"]
 
 
 def add_demo_flags(parser: argparse.ArgumentParser) -> None:

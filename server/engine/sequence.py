@@ -1,6 +1,6 @@
 """A request inside the engine: its parameters, tokens, KV blocks and outputs.
 
-The service builds a `GenerationRequest` (validated plain values); the engine wraps it in a
+The generation core builds a `GenerationRequest` (validated plain values); the engine wraps it in a
 `Sequence` that the scheduler, runner and sampler share, and each step schedules some of its
 tokens as a `ScheduledSeq`. A `SequenceOutput` goes back to the caller after every step that
 produced text, and once at the end.
@@ -9,6 +9,7 @@ produced text, and once at the end.
 from __future__ import annotations
 
 import enum
+import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -71,7 +72,7 @@ class Status(enum.Enum):
 
 @dataclass
 class GenerationRequest:
-    """What the service hands the engine: plain, validated values."""
+    """What the generation core hands the engine: plain, validated values."""
 
     request_id: str
     prompt_ids: list[int]
@@ -146,7 +147,9 @@ class Sequence:
         self.generator: torch.Generator | None = None
         if not request.sampling.greedy:
             self.generator = torch.Generator()
-            self.generator.manual_seed(seed if seed is not None else torch.seed())
+            # An unseeded request draws its seed from the OS: torch.seed() would reseed torch's global
+            # generators from this thread (the event loop) while the engine thread samples.
+            self.generator.manual_seed(seed if seed is not None else secrets.randbits(63))
 
     @property
     def tenant(self) -> str:
