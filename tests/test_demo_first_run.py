@@ -73,6 +73,8 @@ def test_first_run_serves_at_once_and_hot_loads_each_adapter_when_trained(fresh_
             assert all(device.get(a) == "device" for a in TENANT_IDS), device
             for adapter_id in TENANT_IDS:
                 assert client.chat([("user", "o gato preto")], adapter_id, max_new_tokens=4).usage
+            # The child scores the last adapter after writing it, then exits.
+            assert training.process.wait(timeout=600) == 0
         status = read_status(build.status_file)
         assert status is not None and all(p.state == READY for p in status.adapters.values())
         assert set(build.report()["adapters"]) == set(TENANT_IDS) and build.missing() == []
