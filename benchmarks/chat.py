@@ -25,12 +25,12 @@ from loraserve.engine.sequence import GenerationRequest, StoppingCriteria
 
 PRESET: dict[str, Any] = {
     "tenants": 4,
-    "conversations": 24,
+    "conversations": 12,
     "turns": 5,
     "system_len": 256,
     "user_len": (16, 32),
     "output_len": (16, 32),
-    "rate": 2.0,  # conversations per second
+    "rate": 0.5,  # conversations per second
 }
 # The tiny model (smoke tests) has a 512-token context: shorter prompts, fewer conversations.
 TINY = {
