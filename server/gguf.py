@@ -20,6 +20,7 @@ import logging
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
 
 from loraserve.config import ConfigError
 
@@ -103,6 +104,25 @@ def converted_dir(gguf_file: Path, cache_dir: Path) -> Path:
     return cache_dir / "gguf" / f"{gguf_file.stem}-{_cache_key(gguf_file)}"
 
 
+def load_checkpoint(gguf_file: Path) -> tuple[Any, Any]:
+    """(tokenizer, model) read from the GGUF file by transformers, dequantized to float32."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    # transformers shows a tqdm bar per tensor while dequantizing: the progress of this step.
+    hf_logging.enable_progress_bar()
+    folder, name = str(gguf_file.parent), gguf_file.name
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    except (ValueError, NotImplementedError, KeyError) as error:
+        raise ConfigError(f"--model: cannot convert {gguf_file.name}: {error}") from None
+    finally:
+        hf_logging.disable_progress_bar()
+    return tokenizer, model
+
+
 def convert(gguf_file: Path, cache_dir: Path) -> Path:
     """The HF folder for `gguf_file`, converting it on first use (atomically: a crash leaves
     no half-written folder behind)."""
@@ -117,20 +137,9 @@ def convert(gguf_file: Path, cache_dir: Path) -> Path:
         gguf_file.stat().st_size / 2**20,
         target,
     )
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformers.utils import logging as hf_logging
-
     from loraserve.adapters.training import publish_permissions
 
-    # transformers shows a tqdm bar per tensor while dequantizing: the progress of this step.
-    hf_logging.enable_progress_bar()
-    folder, name = str(gguf_file.parent), gguf_file.name
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
-    except (ValueError, NotImplementedError, KeyError) as error:
-        raise ConfigError(f"--model: cannot convert {gguf_file.name}: {error}") from None
+    tokenizer, model = load_checkpoint(gguf_file)
     # The weights are plain tensors now; transformers only keeps the GGUF quantizer around as a
     # record of where they came from, and refuses to save while it is set.
     model.hf_quantizer = None

@@ -1,7 +1,8 @@
 """The GGUF conversion cache is readable by other users, as the umask allows (the weights too).
 
-transformers' loading is faked: the test is about what `convert` does with the files that
-`save_pretrained` writes (safetensors writes its weights 0600), not about dequantizing.
+Reading the checkpoint (`gguf.load_checkpoint`, transformers) is replaced: the test is about what
+`convert` does with the files that `save_pretrained` writes (safetensors writes its weights
+0600), not about dequantizing, which tests/test_gguf.py covers on the real SmolLM2 file.
 """
 
 from __future__ import annotations
@@ -10,7 +11,6 @@ import os
 from pathlib import Path
 
 import pytest
-import transformers
 
 from loraserve import gguf
 
@@ -28,14 +28,6 @@ class _Saved:
         os.close(fd)
 
 
-class _Auto:
-    def __init__(self, file_name: str) -> None:
-        self.file_name = file_name
-
-    def from_pretrained(self, *args: object, **kwargs: object) -> _Saved:
-        return _Saved(self.file_name)
-
-
 def _modes(root: Path) -> set[tuple[str, int]]:
     return {("dir" if p.is_dir() else "file", p.stat().st_mode & 0o777) for p in [root, *root.rglob("*")]}
 
@@ -45,13 +37,13 @@ def test_converted_folder_follows_the_umask(tmp_path: Path, monkeypatch, umask: 
     source = tmp_path / "m.gguf"
     source.write_bytes(b"GGUF")
     monkeypatch.setattr(gguf, "check_supported", lambda path: "llama")
-    monkeypatch.setattr(transformers, "AutoModelForCausalLM", _Auto("model.safetensors"))
-    monkeypatch.setattr(transformers, "AutoTokenizer", _Auto("tokenizer.json"))
+    monkeypatch.setattr(
+        gguf, "load_checkpoint", lambda path: (_Saved("tokenizer.json"), _Saved("model.safetensors"))
+    )
     previous = os.umask(umask)
     try:
         target = gguf.convert(source, tmp_path / "cache")
     finally:
         os.umask(previous)
-        transformers.utils.logging.disable_progress_bar()
     assert (target / gguf.MARKER).is_file() and (target / "model.safetensors").is_file()
     assert _modes(target) == {("dir", 0o777 & ~umask), ("file", 0o666 & ~umask)}
