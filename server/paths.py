@@ -4,6 +4,7 @@ benchmark assets. Bottom floor: imports nothing of loraserve."""
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 
@@ -13,3 +14,18 @@ def default_cache_dir() -> Path:
         return Path(os.environ["LORASERVE_CACHE_DIR"]).expanduser()
     base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
     return base / "loraserve"
+
+
+@dataclass(frozen=True)
+class BuildFolder:
+    """A cached build under the cache dir: its adapter store and its training data."""
+
+    root: Path
+
+    @property
+    def adapters_dir(self) -> Path:
+        return self.root / "adapters"
+
+    @property
+    def data_dir(self) -> Path:
+        return self.root / "data"

@@ -23,6 +23,7 @@ from typing import Any
 
 from loraserve.demo import corpus as data
 from loraserve.demo.options import default_cache_dir
+from loraserve.paths import BuildFolder
 
 DEMO_VERSION = 3
 SEED = 0
@@ -44,20 +45,12 @@ ADAPTERS = ("pt-en", "en-pt", "support-bot")
 
 
 @dataclass(frozen=True)
-class DemoBuild:
-    root: Path
+class DemoBuild(BuildFolder):
+    """The from-scratch toy demo: its base model beside the adapters and data."""
 
     @property
     def model_dir(self) -> Path:
         return self.root / "base"
-
-    @property
-    def adapters_dir(self) -> Path:
-        return self.root / "adapters"
-
-    @property
-    def data_dir(self) -> Path:
-        return self.root / "data"
 
     @property
     def report(self) -> dict[str, Any]:

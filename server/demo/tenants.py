@@ -42,6 +42,7 @@ from loraserve.demo.status import (
     write_status,
 )
 from loraserve.demo.tasks import sentiment, support, translation
+from loraserve.paths import BuildFolder
 
 VERSION = 1
 SEED = 0
@@ -123,18 +124,8 @@ RANK, ALPHA, BATCH_SIZE, MAX_LENGTH = 16, 32.0, 8, 128
 
 
 @dataclass(frozen=True)
-class TenantsBuild:
+class TenantsBuild(BuildFolder):
     """Paths of the demo's cached build."""
-
-    root: Path
-
-    @property
-    def adapters_dir(self) -> Path:
-        return self.root / "adapters"
-
-    @property
-    def data_dir(self) -> Path:
-        return self.root / "data"
 
     @property
     def status_file(self) -> Path:
