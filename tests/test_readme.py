@@ -101,10 +101,15 @@ def test_quickstart_commands() -> None:
     assert {"serve", "test", "install", "lint", "format", "proto"} <= targets
 
 
+# The design notes the developers keep beside the repository, which users never have. Spelt in
+# pieces so that this file, which looks for them, does not itself contain them.
+OUTSIDE_NAMES = ("../" + "shared", "DESIGN" + ".md")
+
+
 @pytest.mark.parametrize("doc", DOCS, ids=lambda p: str(p.relative_to(ROOT)))
 def test_docs_stay_inside_the_repository(doc: Path) -> None:
     text = doc.read_text()
-    assert "../shared" not in text and "DESIGN.md" not in text
+    assert not any(name in text for name in OUTSIDE_NAMES)
     for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", text):
         if "://" not in target:
             assert (doc.parent / target).exists(), f"{doc.name} links to missing {target}"
@@ -116,9 +121,8 @@ def test_sources_cite_no_file_outside_the_repository() -> None:
         for path in (ROOT / folder).rglob("*"):
             if path.suffix in (".py", ".md", ".json", ".yml", ".toml") and "build" not in path.parts:
                 text = path.read_text(errors="replace")
-                if "../shared" in text or "DESIGN.md" in text:
+                if any(name in text for name in OUTSIDE_NAMES):
                     offenders.append(str(path.relative_to(ROOT)))
-    offenders.remove("tests/test_readme.py")  # this test names what it looks for
     assert not offenders, offenders
 
 
