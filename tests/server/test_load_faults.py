@@ -83,6 +83,17 @@ async def _round(target: str, n: int, seed: int) -> list[str]:
     return list(outcomes)
 
 
+async def _burst(target: str, n: int, new: int) -> list[int]:
+    """n long streams at once, none cancelled: their KV demand is several times the pool."""
+    async with AsyncClient(target, retries=0) as client:
+        calls = (
+            client.generate(PROMPTS[i % len(PROMPTS)], ADAPTERS[i % 4], max_new_tokens=new, ignore_eos=True)
+            for i in range(n)
+        )
+        results = await asyncio.gather(*calls)
+    return [r.usage.completion_tokens for r in results]
+
+
 def _settle(srv: ServerThread, timeout: float = 30) -> None:
     """Waits for the engine to process cancellations, then checks nothing is held."""
     engine = srv.engine
@@ -109,7 +120,11 @@ def test_concurrent_streams_with_cancellations_deadlines_and_admin(busy_server) 
     _settle(busy_server)
     gc.collect()
     assert rss() - before < RSS_GROWTH_BOUND
-    assert busy_server.engine.scheduler.preemptions > 0  # 24 blocks for up to 24 running requests
+    # The random rounds preempt only when their timing lines up; this burst always does:
+    # 24 streams of 40+ tokens need at least 72 blocks of 16 tokens, and the pool has 24.
+    assert asyncio.run(_burst(busy_server.target, 24, new=40)) == [40] * 24
+    _settle(busy_server)
+    assert busy_server.engine.scheduler.preemptions > 0
     with Client(busy_server.target) as client:
         assert client.health() == "SERVING"
         assert client.generate("hello", "a1", max_new_tokens=3).usage.completion_tokens == 3
