@@ -21,6 +21,15 @@ class AdapterState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     ADAPTER_STATE_DISK: _ClassVar[AdapterState]
     ADAPTER_STATE_HOST: _ClassVar[AdapterState]
     ADAPTER_STATE_DEVICE: _ClassVar[AdapterState]
+
+class TrainingState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    TRAINING_STATE_UNSPECIFIED: _ClassVar[TrainingState]
+    TRAINING_STATE_QUEUED: _ClassVar[TrainingState]
+    TRAINING_STATE_RUNNING: _ClassVar[TrainingState]
+    TRAINING_STATE_SUCCEEDED: _ClassVar[TrainingState]
+    TRAINING_STATE_FAILED: _ClassVar[TrainingState]
+    TRAINING_STATE_CANCELLED: _ClassVar[TrainingState]
 FINISH_REASON_UNSPECIFIED: FinishReason
 FINISH_REASON_LENGTH: FinishReason
 FINISH_REASON_EOS: FinishReason
@@ -30,6 +39,12 @@ ADAPTER_STATE_UNSPECIFIED: AdapterState
 ADAPTER_STATE_DISK: AdapterState
 ADAPTER_STATE_HOST: AdapterState
 ADAPTER_STATE_DEVICE: AdapterState
+TRAINING_STATE_UNSPECIFIED: TrainingState
+TRAINING_STATE_QUEUED: TrainingState
+TRAINING_STATE_RUNNING: TrainingState
+TRAINING_STATE_SUCCEEDED: TrainingState
+TRAINING_STATE_FAILED: TrainingState
+TRAINING_STATE_CANCELLED: TrainingState
 
 class SamplingParams(_message.Message):
     __slots__ = ("temperature", "top_k", "top_p", "seed", "repetition_penalty")
@@ -242,3 +257,99 @@ class ListAdaptersResponse(_message.Message):
     ADAPTERS_FIELD_NUMBER: _ClassVar[int]
     adapters: _containers.RepeatedCompositeFieldContainer[AdapterInfo]
     def __init__(self, adapters: _Optional[_Iterable[_Union[AdapterInfo, _Mapping]]] = ...) -> None: ...
+
+class TrainingOptions(_message.Message):
+    __slots__ = ("steps", "rank", "alpha", "learning_rate", "batch_size", "max_length", "target_modules", "seed", "eval_fraction")
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    RANK_FIELD_NUMBER: _ClassVar[int]
+    ALPHA_FIELD_NUMBER: _ClassVar[int]
+    LEARNING_RATE_FIELD_NUMBER: _ClassVar[int]
+    BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    MAX_LENGTH_FIELD_NUMBER: _ClassVar[int]
+    TARGET_MODULES_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    EVAL_FRACTION_FIELD_NUMBER: _ClassVar[int]
+    steps: int
+    rank: int
+    alpha: float
+    learning_rate: float
+    batch_size: int
+    max_length: int
+    target_modules: str
+    seed: int
+    eval_fraction: float
+    def __init__(self, steps: _Optional[int] = ..., rank: _Optional[int] = ..., alpha: _Optional[float] = ..., learning_rate: _Optional[float] = ..., batch_size: _Optional[int] = ..., max_length: _Optional[int] = ..., target_modules: _Optional[str] = ..., seed: _Optional[int] = ..., eval_fraction: _Optional[float] = ...) -> None: ...
+
+class CreateTrainingJobRequest(_message.Message):
+    __slots__ = ("adapter_id", "training_data", "eval_data", "options", "overwrite")
+    ADAPTER_ID_FIELD_NUMBER: _ClassVar[int]
+    TRAINING_DATA_FIELD_NUMBER: _ClassVar[int]
+    EVAL_DATA_FIELD_NUMBER: _ClassVar[int]
+    OPTIONS_FIELD_NUMBER: _ClassVar[int]
+    OVERWRITE_FIELD_NUMBER: _ClassVar[int]
+    adapter_id: str
+    training_data: bytes
+    eval_data: bytes
+    options: TrainingOptions
+    overwrite: bool
+    def __init__(self, adapter_id: _Optional[str] = ..., training_data: _Optional[bytes] = ..., eval_data: _Optional[bytes] = ..., options: _Optional[_Union[TrainingOptions, _Mapping]] = ..., overwrite: _Optional[bool] = ...) -> None: ...
+
+class TrainingJob(_message.Message):
+    __slots__ = ("job_id", "adapter_id", "state", "step", "total_steps", "loss", "eval_exact_match", "error", "created_unix_seconds", "started_unix_seconds", "finished_unix_seconds", "tenant", "eval_examples", "train_examples")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    ADAPTER_ID_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_STEPS_FIELD_NUMBER: _ClassVar[int]
+    LOSS_FIELD_NUMBER: _ClassVar[int]
+    EVAL_EXACT_MATCH_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    CREATED_UNIX_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    STARTED_UNIX_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    FINISHED_UNIX_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    TENANT_FIELD_NUMBER: _ClassVar[int]
+    EVAL_EXAMPLES_FIELD_NUMBER: _ClassVar[int]
+    TRAIN_EXAMPLES_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    adapter_id: str
+    state: TrainingState
+    step: int
+    total_steps: int
+    loss: float
+    eval_exact_match: float
+    error: str
+    created_unix_seconds: float
+    started_unix_seconds: float
+    finished_unix_seconds: float
+    tenant: str
+    eval_examples: int
+    train_examples: int
+    def __init__(self, job_id: _Optional[str] = ..., adapter_id: _Optional[str] = ..., state: _Optional[_Union[TrainingState, str]] = ..., step: _Optional[int] = ..., total_steps: _Optional[int] = ..., loss: _Optional[float] = ..., eval_exact_match: _Optional[float] = ..., error: _Optional[str] = ..., created_unix_seconds: _Optional[float] = ..., started_unix_seconds: _Optional[float] = ..., finished_unix_seconds: _Optional[float] = ..., tenant: _Optional[str] = ..., eval_examples: _Optional[int] = ..., train_examples: _Optional[int] = ...) -> None: ...
+
+class GetTrainingJobRequest(_message.Message):
+    __slots__ = ("job_id",)
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    def __init__(self, job_id: _Optional[str] = ...) -> None: ...
+
+class ListTrainingJobsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListTrainingJobsResponse(_message.Message):
+    __slots__ = ("jobs",)
+    JOBS_FIELD_NUMBER: _ClassVar[int]
+    jobs: _containers.RepeatedCompositeFieldContainer[TrainingJob]
+    def __init__(self, jobs: _Optional[_Iterable[_Union[TrainingJob, _Mapping]]] = ...) -> None: ...
+
+class CancelTrainingJobRequest(_message.Message):
+    __slots__ = ("job_id",)
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    def __init__(self, job_id: _Optional[str] = ...) -> None: ...
+
+class WatchTrainingJobRequest(_message.Message):
+    __slots__ = ("job_id",)
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    def __init__(self, job_id: _Optional[str] = ...) -> None: ...

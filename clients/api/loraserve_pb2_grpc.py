@@ -25,6 +25,264 @@ if _version_not_supported:
     )
 
 
+class TrainingStub:
+    """Fine-tuning of new LoRA adapters on the resident base model (QLoRA), served once trained.
+    Creating and cancelling need the admin right or the `train` right of an API key, and a
+    tenant may only train adapter ids its key's patterns allow.
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.CreateTrainingJob = channel.unary_unary(
+                '/loraserve.v1.Training/CreateTrainingJob',
+                request_serializer=loraserve_dot_v1_dot_loraserve__pb2.CreateTrainingJobRequest.SerializeToString,
+                response_deserializer=loraserve_dot_v1_dot_loraserve__pb2.TrainingJob.FromString,
+                _registered_method=True)
+        self.GetTrainingJob = channel.unary_unary(
+                '/loraserve.v1.Training/GetTrainingJob',
+                request_serializer=loraserve_dot_v1_dot_loraserve__pb2.GetTrainingJobRequest.SerializeToString,
+                response_deserializer=loraserve_dot_v1_dot_loraserve__pb2.TrainingJob.FromString,
+                _registered_method=True)
+        self.ListTrainingJobs = channel.unary_unary(
+                '/loraserve.v1.Training/ListTrainingJobs',
+                request_serializer=loraserve_dot_v1_dot_loraserve__pb2.ListTrainingJobsRequest.SerializeToString,
+                response_deserializer=loraserve_dot_v1_dot_loraserve__pb2.ListTrainingJobsResponse.FromString,
+                _registered_method=True)
+        self.CancelTrainingJob = channel.unary_unary(
+                '/loraserve.v1.Training/CancelTrainingJob',
+                request_serializer=loraserve_dot_v1_dot_loraserve__pb2.CancelTrainingJobRequest.SerializeToString,
+                response_deserializer=loraserve_dot_v1_dot_loraserve__pb2.TrainingJob.FromString,
+                _registered_method=True)
+        self.WatchTrainingJob = channel.unary_stream(
+                '/loraserve.v1.Training/WatchTrainingJob',
+                request_serializer=loraserve_dot_v1_dot_loraserve__pb2.WatchTrainingJobRequest.SerializeToString,
+                response_deserializer=loraserve_dot_v1_dot_loraserve__pb2.TrainingJob.FromString,
+                _registered_method=True)
+
+
+class TrainingServicer:
+    """Fine-tuning of new LoRA adapters on the resident base model (QLoRA), served once trained.
+    Creating and cancelling need the admin right or the `train` right of an API key, and a
+    tenant may only train adapter ids its key's patterns allow.
+    """
+
+    def CreateTrainingJob(self, request, context):
+        """Validates the data and options at once, then queues the job.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetTrainingJob(self, request, context):
+        """One job by id.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListTrainingJobs(self, request, context):
+        """The jobs the caller may see, newest first.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CancelTrainingJob(self, request, context):
+        """Cancels a queued or running job; nothing of it is written to the store.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def WatchTrainingJob(self, request, context):
+        """The job now, then an update at each change, until it ends.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_TrainingServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'CreateTrainingJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateTrainingJob,
+                    request_deserializer=loraserve_dot_v1_dot_loraserve__pb2.CreateTrainingJobRequest.FromString,
+                    response_serializer=loraserve_dot_v1_dot_loraserve__pb2.TrainingJob.SerializeToString,
+            ),
+            'GetTrainingJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetTrainingJob,
+                    request_deserializer=loraserve_dot_v1_dot_loraserve__pb2.GetTrainingJobRequest.FromString,
+                    response_serializer=loraserve_dot_v1_dot_loraserve__pb2.TrainingJob.SerializeToString,
+            ),
+            'ListTrainingJobs': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListTrainingJobs,
+                    request_deserializer=loraserve_dot_v1_dot_loraserve__pb2.ListTrainingJobsRequest.FromString,
+                    response_serializer=loraserve_dot_v1_dot_loraserve__pb2.ListTrainingJobsResponse.SerializeToString,
+            ),
+            'CancelTrainingJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.CancelTrainingJob,
+                    request_deserializer=loraserve_dot_v1_dot_loraserve__pb2.CancelTrainingJobRequest.FromString,
+                    response_serializer=loraserve_dot_v1_dot_loraserve__pb2.TrainingJob.SerializeToString,
+            ),
+            'WatchTrainingJob': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchTrainingJob,
+                    request_deserializer=loraserve_dot_v1_dot_loraserve__pb2.WatchTrainingJobRequest.FromString,
+                    response_serializer=loraserve_dot_v1_dot_loraserve__pb2.TrainingJob.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'loraserve.v1.Training', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('loraserve.v1.Training', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class Training:
+    """Fine-tuning of new LoRA adapters on the resident base model (QLoRA), served once trained.
+    Creating and cancelling need the admin right or the `train` right of an API key, and a
+    tenant may only train adapter ids its key's patterns allow.
+    """
+
+    @staticmethod
+    def CreateTrainingJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/loraserve.v1.Training/CreateTrainingJob',
+            loraserve_dot_v1_dot_loraserve__pb2.CreateTrainingJobRequest.SerializeToString,
+            loraserve_dot_v1_dot_loraserve__pb2.TrainingJob.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetTrainingJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/loraserve.v1.Training/GetTrainingJob',
+            loraserve_dot_v1_dot_loraserve__pb2.GetTrainingJobRequest.SerializeToString,
+            loraserve_dot_v1_dot_loraserve__pb2.TrainingJob.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListTrainingJobs(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/loraserve.v1.Training/ListTrainingJobs',
+            loraserve_dot_v1_dot_loraserve__pb2.ListTrainingJobsRequest.SerializeToString,
+            loraserve_dot_v1_dot_loraserve__pb2.ListTrainingJobsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CancelTrainingJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/loraserve.v1.Training/CancelTrainingJob',
+            loraserve_dot_v1_dot_loraserve__pb2.CancelTrainingJobRequest.SerializeToString,
+            loraserve_dot_v1_dot_loraserve__pb2.TrainingJob.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchTrainingJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/loraserve.v1.Training/WatchTrainingJob',
+            loraserve_dot_v1_dot_loraserve__pb2.WatchTrainingJobRequest.SerializeToString,
+            loraserve_dot_v1_dot_loraserve__pb2.TrainingJob.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+
 class InferenceStub:
     """Text generation and chat for the base model and any adapter in the store.
     """
