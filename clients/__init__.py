@@ -42,6 +42,7 @@ _EXPORTS = {
             "Stopping",
             "StreamChunk",
             "Tokens",
+            "TrainingJob",
             "Usage",
         ),
         "types",

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -24,6 +25,7 @@ from loraserve_client.base import (
     generate_request,
     sampling_kwargs,
     tokenize_request,
+    training_job_request,
 )
 from loraserve_client.client import HEALTH_STATES
 from loraserve_client.errors import from_rpc_error
@@ -35,6 +37,7 @@ from loraserve_client.types import (
     ModelInfo,
     StreamChunk,
     Tokens,
+    TrainingJob,
 )
 
 
@@ -52,6 +55,7 @@ class AsyncClient:
             self._channel = grpc.aio.insecure_channel(opts.target, options=opts.channel_options())
         self._inference = pb2_grpc.InferenceStub(self._channel)
         self._admin = pb2_grpc.AdapterAdminStub(self._channel)
+        self._training = pb2_grpc.TrainingStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
 
     async def _unary(
@@ -66,15 +70,21 @@ class AsyncClient:
             raise from_rpc_error(error) from None
 
     async def _stream(
-        self, method: Callable, request: Any, timeout: float | None, adapter: str
-    ) -> AsyncIterator[StreamChunk]:
+        self,
+        method: Callable,
+        request: Any,
+        timeout: float | None,
+        adapter: str | None,
+        convert: Callable[[Any], Any] = StreamChunk.from_pb,
+        default_timeout: bool = True,
+    ) -> AsyncIterator[Any]:
         # gRPC retries a stream that fails with UNAVAILABLE before its first message, never after.
-        call = method(
-            request, timeout=timeout or self.options.timeout, metadata=self.options.call_metadata(adapter)
-        )
+        if default_timeout:
+            timeout = timeout or self.options.timeout
+        call = method(request, timeout=timeout, metadata=self.options.call_metadata(adapter))
         try:
             async for message in call:
-                yield StreamChunk.from_pb(message)
+                yield convert(message)
         except grpc.RpcError as error:
             raise from_rpc_error(error) from None
         finally:
@@ -130,6 +140,66 @@ class AsyncClient:
             self._admin.ListAdapters, pb2.ListAdaptersRequest(include_disk=include_disk), None
         )
         return [AdapterInfo.from_pb(a) for a in response.adapters]
+
+    async def create_training_job(
+        self,
+        adapter_id: str,
+        training_data: bytes | str | Path,
+        *,
+        eval_data: bytes | str | Path | None = None,
+        steps: int = 0,
+        rank: int = 0,
+        alpha: float = 0.0,
+        learning_rate: float = 0.0,
+        batch_size: int = 0,
+        max_length: int = 0,
+        target_modules: str = "",
+        seed: int | None = None,
+        eval_fraction: float | None = None,
+        overwrite: bool = False,
+        timeout: float | None = None,
+    ) -> TrainingJob:
+        """As Client.create_training_job (never retried). A path's file is read here, blocking."""
+        request = training_job_request(
+            adapter_id,
+            training_data,
+            eval_data=eval_data,
+            steps=steps,
+            rank=rank,
+            alpha=alpha,
+            learning_rate=learning_rate,
+            batch_size=batch_size,
+            max_length=max_length,
+            target_modules=target_modules,
+            seed=seed,
+            eval_fraction=eval_fraction,
+            overwrite=overwrite,
+        )
+        return TrainingJob.from_pb(await self._unary(self._training.CreateTrainingJob, request, timeout))
+
+    async def get_training_job(self, job_id: str) -> TrainingJob:
+        request = pb2.GetTrainingJobRequest(job_id=job_id)
+        return TrainingJob.from_pb(await self._unary(self._training.GetTrainingJob, request, None))
+
+    async def list_training_jobs(self) -> list[TrainingJob]:
+        response = await self._unary(self._training.ListTrainingJobs, pb2.ListTrainingJobsRequest(), None)
+        return [TrainingJob.from_pb(job) for job in response.jobs]
+
+    async def cancel_training_job(self, job_id: str) -> TrainingJob:
+        request = pb2.CancelTrainingJobRequest(job_id=job_id)
+        return TrainingJob.from_pb(await self._unary(self._training.CancelTrainingJob, request, None))
+
+    def watch_training_job(self, job_id: str, *, timeout: float | None = None) -> AsyncIterator[TrainingJob]:
+        """As Client.watch_training_job: no deadline unless `timeout` is given."""
+        request = pb2.WatchTrainingJobRequest(job_id=job_id)
+        return self._stream(
+            self._training.WatchTrainingJob,
+            request,
+            timeout,
+            None,
+            convert=TrainingJob.from_pb,
+            default_timeout=False,
+        )
 
     async def health(self, service: str = "", timeout: float | None = 5.0) -> str:
         response = await self._unary(

@@ -13,17 +13,30 @@ from loraserve_client.api import loraserve_pb2 as pb2
 from loraserve_client.types import Message, request_fields, to_messages
 
 DEFAULT_TARGET = "127.0.0.1:50051"
+# The largest message either side accepts (the server sets the same limit): a training job's data
+# travels in one CreateTrainingJob message, so it must fit.
+MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 CHANNEL_OPTIONS = [
     ("grpc.keepalive_time_ms", 30_000),
     ("grpc.keepalive_timeout_ms", 10_000),
     ("grpc.keepalive_permit_without_calls", 1),
-    ("grpc.max_receive_message_length", 16 * 1024 * 1024),
-    ("grpc.max_send_message_length", 16 * 1024 * 1024),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
 ]
 # gRPC clamps a retry policy's maxAttempts (first try included) at 5; no channel option raises it.
 MAX_RETRIES = 4
-# The services whose calls the retry policy covers: every call the client makes.
+# The services whose every call the retry policy covers: each call either reads or is idempotent
+# (loading an adapter twice or unloading it twice ends in the same state).
 RETRIED_SERVICES = ("loraserve.v1.Inference", "loraserve.v1.AdapterAdmin", "grpc.health.v1.Health")
+# Of the Training service, only the calls that read. CreateTrainingJob is not idempotent (an
+# UNAVAILABLE can come after the server queued the job, when the connection drops before the
+# answer, and a retry would queue a second job), and a CancelTrainingJob replayed after its first
+# attempt did cancel may be answered as a call on a job that has already ended: neither is retried.
+RETRIED_METHODS = (
+    ("loraserve.v1.Training", "GetTrainingJob"),
+    ("loraserve.v1.Training", "ListTrainingJobs"),
+    ("loraserve.v1.Training", "WatchTrainingJob"),
+)
 
 
 def retry_service_config(retries: int, backoff: float, max_backoff: float) -> str:
@@ -34,13 +47,15 @@ def retry_service_config(retries: int, backoff: float, max_backoff: float) -> st
     about min(backoff * 2**(n-1), max_backoff), jittered by gRPC so that clients that failed
     together do not retry together. gRPC also knows what a loop around the call cannot see: a
     call is retried only until it is committed, that is until the server has sent response
-    headers or a message, so a stream that has started yielding text is never replayed.
+    headers or a message, so a stream that has started yielding text is never replayed. The
+    calls it does not name (creating and cancelling a training job) have no retry policy.
     """
     return json.dumps(
         {
             "methodConfig": [
                 {
-                    "name": [{"service": service} for service in RETRIED_SERVICES],
+                    "name": [{"service": service} for service in RETRIED_SERVICES]
+                    + [{"service": service, "method": method} for service, method in RETRIED_METHODS],
                     "retryPolicy": {
                         "maxAttempts": retries + 1,
                         "initialBackoff": f"{max(backoff, 0.001):.3f}s",
@@ -71,7 +86,8 @@ class ClientOptions:
     server_name: expected name in the server certificate when it differs from the target host.
     retries: extra attempts on UNAVAILABLE only (0 to 4, gRPC's limit), with jittered exponential
     backoff from `backoff` s up to `max_backoff` s; a stream is retried only before its first
-    message. They are gRPC's own retries, set on the channel (see retry_service_config).
+    message. They are gRPC's own retries, set on the channel (see retry_service_config); creating
+    and cancelling a training job are never retried (RETRIED_METHODS says why).
     ray_serve: send the adapter id as Ray Serve's multiplexed model id (and the application
     name), so Ray routes each request to a replica that holds its adapter.
     """
@@ -147,6 +163,63 @@ def chat_request(messages: list[Message], adapter: str, **kwargs: Any) -> pb2.Ch
 
 def tokenize_request(prompt: str | None, messages: list[Message] | None) -> pb2.TokenizeRequest:
     return pb2.TokenizeRequest(prompt=prompt or "", messages=to_messages(messages or []))
+
+
+def _training_data(value: str | bytes | Path | None) -> bytes:
+    """bytes as they are; a str of JSONL text (it starts with `{`) encoded; a path's file read."""
+    if value is None:
+        return b""
+    if isinstance(value, bytes):
+        return value
+    if isinstance(value, str) and (not value.strip() or value.lstrip().startswith("{")):
+        return value.encode()
+    return Path(value).expanduser().read_bytes()
+
+
+def training_job_request(
+    adapter_id: str,
+    training_data: str | bytes | Path,
+    *,
+    eval_data: str | bytes | Path | None = None,
+    steps: int = 0,
+    rank: int = 0,
+    alpha: float = 0.0,
+    learning_rate: float = 0.0,
+    batch_size: int = 0,
+    max_length: int = 0,
+    target_modules: str = "",
+    seed: int | None = None,
+    eval_fraction: float | None = None,
+    overwrite: bool = False,
+) -> pb2.CreateTrainingJobRequest:
+    """A CreateTrainingJob request; 0, "" and None take the server's defaults (TrainingOptions)."""
+    options = pb2.TrainingOptions(
+        steps=steps,
+        rank=rank,
+        alpha=alpha,
+        learning_rate=learning_rate,
+        batch_size=batch_size,
+        max_length=max_length,
+        target_modules=target_modules,
+    )
+    if seed is not None:
+        options.seed = seed
+    if eval_fraction is not None:
+        options.eval_fraction = eval_fraction
+    request = pb2.CreateTrainingJobRequest(
+        adapter_id=adapter_id,
+        training_data=_training_data(training_data),
+        eval_data=_training_data(eval_data),
+        options=options,
+        overwrite=overwrite,
+    )
+    size = request.ByteSize()
+    if size > MAX_MESSAGE_BYTES:
+        raise ValueError(
+            f"the training and eval data make a {size / 2**20:.1f} MiB request; "
+            f"one request carries at most {MAX_MESSAGE_BYTES / 2**20:.0f} MiB"
+        )
+    return request
 
 
 def sampling_kwargs(

@@ -20,7 +20,7 @@ from typing import Any
 
 from loraserve_client.base import DEFAULT_TARGET
 from loraserve_client.client import Client
-from loraserve_client.types import AdapterInfo
+from loraserve_client.types import AdapterInfo, TrainingJob
 
 CHAT_HELP = "Commands: /adapter ID (switch adapter; empty = base model), /reset, /history, /exit"
 
@@ -32,6 +32,19 @@ def add_connection_flags(parser: argparse.ArgumentParser) -> None:
         default=os.environ.get("LORASERVE_TARGET", DEFAULT_TARGET),
         help=f"server address host:port (default {DEFAULT_TARGET}; env LORASERVE_TARGET)",
     )
+    add_credential_flags(group)
+    group.add_argument(
+        "--ray-serve",
+        action="store_true",
+        help="target is a Ray Serve gRPC proxy: route by adapter (multiplexed model id)",
+    )
+    group.add_argument("--json", action="store_true", help="print JSON for scripts")
+
+
+def add_credential_flags(
+    group: argparse._ActionsContainer, timeout_help: str = "per-call timeout in seconds"
+) -> None:
+    """How to reach the server once its address is known: API key, TLS, timeout."""
     group.add_argument(
         "--api-key",
         default=os.environ.get("LORASERVE_API_KEY"),
@@ -44,13 +57,7 @@ def add_connection_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--client-cert", help="PEM client certificate (mTLS)")
     group.add_argument("--client-key", help="PEM private key of --client-cert")
     group.add_argument("--server-name", help="expected name in the server certificate")
-    group.add_argument("--timeout", type=float, default=300.0, help="per-call timeout in seconds")
-    group.add_argument(
-        "--ray-serve",
-        action="store_true",
-        help="target is a Ray Serve gRPC proxy: route by adapter (multiplexed model id)",
-    )
-    group.add_argument("--json", action="store_true", help="print JSON for scripts")
+    group.add_argument("--timeout", type=float, default=300.0, help=timeout_help)
 
 
 def make_client(args: argparse.Namespace, **options: Any) -> Client:
@@ -64,7 +71,7 @@ def make_client(args: argparse.Namespace, **options: Any) -> Client:
         client_key=args.client_key,
         server_name=args.server_name,
         timeout=args.timeout,
-        ray_serve=args.ray_serve,
+        ray_serve=getattr(args, "ray_serve", False),  # `loraserve train --target` has no --ray-serve
     )
 
 
@@ -246,6 +253,137 @@ def cmd_tokenize(args: argparse.Namespace) -> int:
         else " ".join(f"{t}({i})" for t, i in zip(result.tokens, result.token_ids))
     )
     return 0
+
+
+def add_train_target_flags(parser: argparse.ArgumentParser) -> None:
+    """`loraserve train`'s flags for training on a server (the server's CLI adds them)."""
+    group = parser.add_argument_group("training on a server")
+    group.add_argument(
+        "--target",
+        default=None,
+        metavar="HOST:PORT",
+        help="submit the job to the loraserve server at HOST:PORT and follow it with a progress bar "
+        "instead of training here (--model and --adapters-dir are then refused); "
+        "LORASERVE_TARGET is not read, so that a plain `loraserve train` always trains here",
+    )
+    add_credential_flags(group, timeout_help="timeout of each call in seconds (watching the job has none)")
+
+
+def _job_seconds(job: TrainingJob) -> float:
+    if not job.started_unix_seconds:
+        return 0.0
+    end = job.finished_unix_seconds or time.time()
+    return max(0.0, end - job.started_unix_seconds)
+
+
+def train_summary(job: TrainingJob) -> str:
+    """The last line of `loraserve train --target`: adapter, state, steps, seconds, held-out score."""
+    score = (
+        f"{job.eval_exact_match:.1%} of {job.eval_examples}"
+        if job.eval_exact_match is not None
+        else "not evaluated"
+    )
+    return (
+        f"{job.adapter_id}: {job.state}, {job.step}/{job.total_steps} steps in {_job_seconds(job):.1f} s, "
+        f"loss {job.loss:.3f}, held-out exact match {score} (job {job.job_id})"
+    )
+
+
+def _follow(client: Client, job: TrainingJob, quiet: bool) -> TrainingJob:
+    """Watches the job to its end with a tqdm bar on stderr (steps, loss); returns its last state."""
+    try:
+        from tqdm import tqdm
+    except ImportError:  # the client-only install has no tqdm: no bar then
+        tqdm, quiet = None, True
+    bar = None
+    if not quiet:
+        bar = tqdm(total=job.total_steps or None, desc=f"train {job.adapter_id}", unit="step")
+    last, running = job, False
+    try:
+        for last in client.watch_training_job(job.job_id):
+            if bar is not None:
+                if not running and last.state != "queued":  # time and rate from the start, not the queue
+                    running = True
+                    bar.reset(total=last.total_steps or None)
+                elif last.total_steps and bar.total != last.total_steps:
+                    bar.total = last.total_steps
+                if last.step > bar.n:
+                    bar.update(last.step - bar.n)
+                bar.set_postfix_str(f"loss {last.loss:.3f}" if last.step else last.state)
+            if last.done:
+                break
+    finally:
+        if bar is not None:
+            bar.close()
+    return last
+
+
+def cmd_train_remote(args: argparse.Namespace) -> int:
+    """`loraserve train --target HOST:PORT`: CreateTrainingJob, then WatchTrainingJob to the end.
+
+    Exits 0 when the job succeeded, 1 when it failed or was cancelled (the reason on stderr),
+    130 on Ctrl-C, which stops watching but leaves the job running on the server.
+    """
+    from loraserve_client.errors import LoraserveError
+
+    with make_client(args) as client:
+        try:
+            job = client.create_training_job(
+                args.adapter_id,
+                args.data,
+                eval_data=args.eval_data,
+                steps=args.steps or 0,
+                rank=args.rank or 0,
+                alpha=args.alpha or 0.0,
+                learning_rate=args.lr or 0.0,
+                batch_size=args.batch_size or 0,
+                max_length=args.max_length or 0,
+                target_modules=args.target_modules or "",
+                seed=args.seed,
+                eval_fraction=args.eval_fraction,
+                overwrite=args.force,
+            )
+        except KeyboardInterrupt:
+            print(
+                f"loraserve: interrupted before {args.target} answered; the job may have been queued",
+                file=sys.stderr,
+            )
+            return 130
+        if not args.quiet:
+            print(
+                f"queued training job {job.job_id} for adapter {job.adapter_id} on {args.target}",
+                file=sys.stderr,
+            )
+        try:
+            job = _follow(client, job, args.quiet)
+            if not job.done:  # the server closed the watch early (shutting down, say)
+                job = client.get_training_job(job.job_id)
+        except KeyboardInterrupt:
+            print(
+                f"loraserve: interrupted; training job {job.job_id} ({job.adapter_id}) keeps running on "
+                f"{args.target}. Follow it with loraserve_client.Client({args.target!r})"
+                f".watch_training_job({job.job_id!r}), stop it with .cancel_training_job({job.job_id!r})",
+                file=sys.stderr,
+            )
+            return 130
+        except LoraserveError as error:
+            print(f"loraserve: lost track of training job {job.job_id}: {error}", file=sys.stderr)
+            return 1
+    print(train_summary(job))
+    if job.state == "succeeded":
+        return 0
+    if not job.done:
+        print(
+            f"loraserve: the server stopped reporting on training job {job.job_id} while it was {job.state}",
+            file=sys.stderr,
+        )
+    elif job.state == "failed":
+        reason = job.error or "no reason given"
+        print(f"loraserve: training job {job.job_id} failed: {reason}", file=sys.stderr)
+    else:
+        reason = f": {job.error}" if job.error else ""
+        print(f"loraserve: training job {job.job_id} was {job.state}{reason}", file=sys.stderr)
+    return 1
 
 
 def add_client_commands(commands: argparse._SubParsersAction) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -24,6 +25,7 @@ from loraserve_client.base import (
     generate_request,
     sampling_kwargs,
     tokenize_request,
+    training_job_request,
 )
 from loraserve_client.errors import from_rpc_error
 from loraserve_client.types import (
@@ -34,6 +36,7 @@ from loraserve_client.types import (
     ModelInfo,
     StreamChunk,
     Tokens,
+    TrainingJob,
 )
 
 HEALTH_STATES = {v: k for k, v in health_pb2.HealthCheckResponse.ServingStatus.items()}
@@ -53,6 +56,7 @@ class Client:
             self._channel = grpc.insecure_channel(opts.target, options=opts.channel_options())
         self._inference = pb2_grpc.InferenceStub(self._channel)
         self._admin = pb2_grpc.AdapterAdminStub(self._channel)
+        self._training = pb2_grpc.TrainingStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
 
     # ------------------------------------------------------------------ plumbing
@@ -68,15 +72,21 @@ class Client:
             raise from_rpc_error(error) from None
 
     def _stream(
-        self, method: Callable, request: Any, timeout: float | None, adapter: str
-    ) -> Iterator[StreamChunk]:
+        self,
+        method: Callable,
+        request: Any,
+        timeout: float | None,
+        adapter: str | None,
+        convert: Callable[[Any], Any] = StreamChunk.from_pb,
+        default_timeout: bool = True,
+    ) -> Iterator[Any]:
         # gRPC retries a stream that fails with UNAVAILABLE before its first message, never after.
-        call = method(
-            request, timeout=timeout or self.options.timeout, metadata=self.options.call_metadata(adapter)
-        )
+        if default_timeout:
+            timeout = timeout or self.options.timeout
+        call = method(request, timeout=timeout, metadata=self.options.call_metadata(adapter))
         try:
             for message in call:
-                yield StreamChunk.from_pb(message)
+                yield convert(message)
         except grpc.RpcError as error:
             raise from_rpc_error(error) from None
         finally:
@@ -136,6 +146,82 @@ class Client:
             self._admin.ListAdapters, pb2.ListAdaptersRequest(include_disk=include_disk), None
         )
         return [AdapterInfo.from_pb(a) for a in response.adapters]
+
+    # ------------------------------------------------------------------ training
+    def create_training_job(
+        self,
+        adapter_id: str,
+        training_data: bytes | str | Path,
+        *,
+        eval_data: bytes | str | Path | None = None,
+        steps: int = 0,
+        rank: int = 0,
+        alpha: float = 0.0,
+        learning_rate: float = 0.0,
+        batch_size: int = 0,
+        max_length: int = 0,
+        target_modules: str = "",
+        seed: int | None = None,
+        eval_fraction: float | None = None,
+        overwrite: bool = False,
+        timeout: float | None = None,
+    ) -> TrainingJob:
+        """Queues the training of a new adapter `adapter_id` on the server's base model.
+
+        training_data and eval_data are JSONL ({"prompt", "completion"} or {"messages": [...]} per
+        line): bytes, a str of JSONL text (it starts with `{`), or a path (a Path, or any other
+        str) to read. The options left at 0, "" or None take the server's defaults. overwrite:
+        replace an adapter of that id in the store when the job succeeds. The server checks the
+        data and options at once (InvalidRequest). Never retried: an UNAVAILABLE may come after
+        the job was queued (see base.RETRIED_METHODS). Raises ValueError when the request would be
+        larger than gRPC's 16 MiB message limit.
+        """
+        request = training_job_request(
+            adapter_id,
+            training_data,
+            eval_data=eval_data,
+            steps=steps,
+            rank=rank,
+            alpha=alpha,
+            learning_rate=learning_rate,
+            batch_size=batch_size,
+            max_length=max_length,
+            target_modules=target_modules,
+            seed=seed,
+            eval_fraction=eval_fraction,
+            overwrite=overwrite,
+        )
+        return TrainingJob.from_pb(self._unary(self._training.CreateTrainingJob, request, timeout))
+
+    def get_training_job(self, job_id: str) -> TrainingJob:
+        request = pb2.GetTrainingJobRequest(job_id=job_id)
+        return TrainingJob.from_pb(self._unary(self._training.GetTrainingJob, request, None))
+
+    def list_training_jobs(self) -> list[TrainingJob]:
+        """The jobs this caller may see, newest first."""
+        response = self._unary(self._training.ListTrainingJobs, pb2.ListTrainingJobsRequest(), None)
+        return [TrainingJob.from_pb(job) for job in response.jobs]
+
+    def cancel_training_job(self, job_id: str) -> TrainingJob:
+        """Cancels a queued or running job (nothing of it is written); never retried."""
+        request = pb2.CancelTrainingJobRequest(job_id=job_id)
+        return TrainingJob.from_pb(self._unary(self._training.CancelTrainingJob, request, None))
+
+    def watch_training_job(self, job_id: str, *, timeout: float | None = None) -> Iterator[TrainingJob]:
+        """Yields the job now, then the job at each change, until it ends (the last one is `done`).
+
+        timeout bounds the whole watch in seconds; None (the default) waits as long as the job
+        runs, whatever ClientOptions.timeout says. Leaving the loop stops the watch, not the job.
+        """
+        request = pb2.WatchTrainingJobRequest(job_id=job_id)
+        return self._stream(
+            self._training.WatchTrainingJob,
+            request,
+            timeout,
+            None,
+            convert=TrainingJob.from_pb,
+            default_timeout=False,
+        )
 
     # ------------------------------------------------------------------ health
     def health(self, service: str = "", timeout: float | None = 5.0) -> str:

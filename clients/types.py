@@ -21,6 +21,16 @@ ADAPTER_STATES = {
     pb2.ADAPTER_STATE_HOST: "host",
     pb2.ADAPTER_STATE_DEVICE: "device",
 }
+TRAINING_STATES = {
+    pb2.TRAINING_STATE_UNSPECIFIED: "unknown",
+    pb2.TRAINING_STATE_QUEUED: "queued",
+    pb2.TRAINING_STATE_RUNNING: "running",
+    pb2.TRAINING_STATE_SUCCEEDED: "succeeded",
+    pb2.TRAINING_STATE_FAILED: "failed",
+    pb2.TRAINING_STATE_CANCELLED: "cancelled",
+}
+# The states a job never leaves.
+TRAINING_DONE_STATES = frozenset({"succeeded", "failed", "cancelled"})
 
 
 @dataclass(frozen=True)
@@ -153,6 +163,53 @@ class LoadResult:
     adapter: AdapterInfo
     reloaded: bool
     load_seconds: float
+
+
+@dataclass(frozen=True)
+class TrainingJob:
+    """One training job. state: queued, running, succeeded, failed or cancelled ("unknown" if the
+    server sent none). loss: mean training loss of the last steps (0 before the first step).
+    eval_exact_match: held-out exact match in 0..1, None until evaluated. The times are Unix
+    seconds; started and finished are 0 until the job starts and ends."""
+
+    job_id: str
+    adapter_id: str
+    state: str
+    step: int
+    total_steps: int
+    loss: float
+    eval_exact_match: float | None
+    error: str
+    created_unix_seconds: float
+    started_unix_seconds: float
+    finished_unix_seconds: float
+    tenant: str
+    eval_examples: int
+    train_examples: int
+
+    @property
+    def done(self) -> bool:
+        """True once the job has ended (succeeded, failed or cancelled): it changes no more."""
+        return self.state in TRAINING_DONE_STATES
+
+    @classmethod
+    def from_pb(cls, job: pb2.TrainingJob) -> TrainingJob:
+        return cls(
+            job.job_id,
+            job.adapter_id,
+            TRAINING_STATES.get(job.state, "unknown"),
+            job.step,
+            job.total_steps,
+            job.loss,
+            job.eval_exact_match if job.HasField("eval_exact_match") else None,
+            job.error,
+            job.created_unix_seconds,
+            job.started_unix_seconds,
+            job.finished_unix_seconds,
+            job.tenant,
+            job.eval_examples,
+            job.train_examples,
+        )
 
 
 @dataclass

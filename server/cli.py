@@ -1,6 +1,7 @@
 """`loraserve`: the console script.
 
-Server side: serve, demo, train, bench, keygen (torch imported only when they run).
+Server side: serve, demo, train, bench, keygen (torch imported only when they run; `train
+--target HOST:PORT` trains on a server instead, through the client, and imports none).
 Client side (loraserve_client.cli, no torch): generate, chat, adapters list|load|unload, health, info,
 tokenize. Every `serve` flag comes from a ServerConfig field and is also an environment
 variable LORASERVE_<NAME>. Errors are one line on stderr and a non-zero exit code.
@@ -9,6 +10,7 @@ variable LORASERVE_<NAME>. Errors are one line on stderr and a non-zero exit cod
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 import types
 import typing
@@ -106,6 +108,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    if args.target is not None:  # a job on that server, followed from here (no torch imported)
+        from loraserve_client.cli import cmd_train_remote
+
+        return cmd_train_remote(args)
     from loraserve.adapters.training import train_cli
 
     return train_cli(args)
@@ -145,11 +151,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_demo_flags(p)
     p.set_defaults(func=cmd_demo)
 
-    p = commands.add_parser("train", help="QLoRA-train one adapter into an adapter store")
-    from loraserve.adapters.training_options import add_train_flags
+    p = commands.add_parser(
+        "train", help="QLoRA-train one adapter into an adapter store, or on a server (--target)"
+    )
+    from loraserve.adapters.training_options import add_train_flags, check_train_args
 
     add_train_flags(p)
-    p.set_defaults(func=cmd_train)
+    p.set_defaults(func=cmd_train, check_args=functools.partial(check_train_args, p))
 
     p = commands.add_parser("bench", help="benchmark the engine against its peers")
     from loraserve.benchmarks.options import add_bench_flags
@@ -174,8 +182,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _main(argv: list[str] | None) -> int:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """The parsed command line, after each command's own checks (`check_args`: exit 2 as argparse)."""
     args = build_parser().parse_args(argv)
+    check = getattr(args, "check_args", None)
+    if check is not None:
+        check(args)
+    return args
+
+
+def _main(argv: list[str] | None) -> int:
+    args = parse_args(argv)
     if args.command not in ("serve", "serve-ray"):  # they configure logging from their config
         from loraserve.logs import setup_logging
 
