@@ -30,9 +30,12 @@ DECODER_LAYER_NAME = re.compile(r"(^|\.)layers\.\d+\.")
 class LoRALinear(nn.Module):
     """y = base(x) + scale[s] · (x @ A[s]ᵀ) @ B[s]ᵀ for each token's slot s (-1 adds nothing)."""
 
-    def __init__(self, base: nn.Module, a: torch.Tensor, b: torch.Tensor, backend: LoRABackend) -> None:
+    def __init__(
+        self, base: nn.Module, a: torch.Tensor, b: torch.Tensor, backend: LoRABackend, name: str = ""
+    ) -> None:
         super().__init__()
         self.base = base
+        self.name = name  # the module's name in the model (model.layers.0.self_attn.q_proj)
         self.backend = backend
         # Plain attributes, not buffers: the slot table owns them and they never go to a state dict.
         self.lora_a = a  # [slots, r_max, in]
@@ -41,6 +44,8 @@ class LoRALinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
         context = current_forward_context()
+        if context is not None and context.training is not None:  # a training job's pass: its LoRA only
+            return context.training.add(self.name, x, y)
         plan = context.lora if context is not None else None
         if plan is None:  # outside a step, or no token of the step has an adapter
             return y
@@ -113,7 +118,7 @@ class SlotTable:
             b = torch.zeros(num_slots, max_rank, linear.out_features, dtype=dtype, device=device).transpose(
                 1, 2
             )
-            wrapper = LoRALinear(linear, a, b, backend)
+            wrapper = LoRALinear(linear, a, b, backend, name)
             parent_name, _, leaf = name.rpartition(".")
             setattr(model.get_submodule(parent_name), leaf, wrapper)
             table.layers[name] = wrapper

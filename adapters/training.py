@@ -96,11 +96,16 @@ def read_jsonl(path: Path) -> list[Example]:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as error:
         raise DataError(f"{path}: cannot read: {error}") from None
+    return parse_jsonl(text, str(path))
+
+
+def parse_jsonl(text: str, source: str) -> list[Example]:
+    """The records of a JSONL text; errors name `source` and the line number."""
     examples = []
     for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
-        where = f"{path}:{number}"
+        where = f"{source}:{number}"
         try:
             record = json.loads(line)
         except json.JSONDecodeError as error:
@@ -109,7 +114,7 @@ def read_jsonl(path: Path) -> list[Example]:
             raise DataError(f"{where}: each line must be a JSON object")
         examples.append(_parse_record(record, where, number))
     if not examples:
-        raise DataError(f"{path}: the data set is empty")
+        raise DataError(f"{source}: the data set is empty")
     return examples
 
 
@@ -263,6 +268,14 @@ def optimize(
     return losses
 
 
+def learning_rate_schedule(optimizer: Any, steps: int) -> Any:
+    """Linear warm-up over the first 5% of the steps, then linear decay to 5% of the rate."""
+    warmup = max(1, steps // 20)
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min(1.0, (s + 1) / warmup) * max(0.05, 1 - s / steps)
+    )
+
+
 def _target_modules(spec: str) -> list[str] | str:
     return "all-linear" if spec == "all-linear" else [m.strip() for m in spec.split(",") if m.strip()]
 
@@ -328,10 +341,7 @@ def train(
     steps = config.steps or max(1, math.ceil(config.epochs * len(encoded) / batch_size))
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
-    warmup = max(1, steps // 20)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min(1.0, (s + 1) / warmup) * max(0.05, 1 - s / steps)
-    )
+    schedule = learning_rate_schedule(optimizer, steps)
     device = next(p.device for p in model.parameters())
     batches = padded_batches(encoded, batch_size, tokenizer.pad_token_id, random.Random(config.seed))
     model.train()

@@ -35,11 +35,11 @@ from loraserve.handlers import service_handler
 from loraserve.http_api import HttpFrontEnd
 from loraserve.metrics import Metrics
 from loraserve.model_loader import LoadedModel
-from loraserve.service import AdapterAdminService, InferenceService, grpc_services
+from loraserve.service import AdapterAdminService, InferenceService, TrainingService, grpc_services
 from loraserve.wiring import Services, engine_parts
 
 log = logging.getLogger(__name__)
-SERVICES = ("loraserve.v1.Inference", "loraserve.v1.AdapterAdmin")
+SERVICES = ("loraserve.v1.Inference", "loraserve.v1.AdapterAdmin", "loraserve.v1.Training")
 # Tolerate clients that ping every 30 s even without calls in flight.
 GRPC_OPTIONS = [
     ("grpc.keepalive_time_ms", 60_000),
@@ -102,6 +102,7 @@ class LoraServer:
         self.services: Services | None = None
         self.inference: InferenceService | None = None
         self.admin: AdapterAdminService | None = None
+        self.training: TrainingService | None = None
         self.server: grpc.aio.Server | None = None
         self.engine: Engine | None = engine
         self.loaded: LoadedModel | None = engine.loaded if engine is not None else None
@@ -127,6 +128,7 @@ class LoraServer:
             (
                 service_handler("Inference", lambda: self.inference, self.guard),
                 service_handler("AdapterAdmin", lambda: self.admin, self.guard, admin=True),
+                service_handler("Training", lambda: self.training, self.guard),
             )
         )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
@@ -226,7 +228,7 @@ class LoraServer:
                 config = self.config = resolved[0]
             self.loaded, self.engine = engine.loaded, engine
             self.services = Services.build(config, engine, self.metrics)
-            self.inference, self.admin = grpc_services(self.services)
+            self.inference, self.admin, self.training = grpc_services(self.services)
             self.guard.phase = SERVING
             await self._set_health(health_pb2.HealthCheckResponse.SERVING)
             log.info("ready in %.1f s: serving %s", time.perf_counter() - started, config.model)

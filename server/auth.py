@@ -9,6 +9,7 @@ Keys live hashed (SHA-256) in a TOML file named by `api_keys_file`:
     adapters = ["acme/*", "pt-en"]     # glob patterns of adapter ids it may use
     base_model = true                  # may it call the base model (empty adapter_id)
     admin = false                      # may it call AdapterAdmin
+    train = false                      # may it create and cancel training jobs (for its adapters)
 
 Clients send `authorization: Bearer <key>` metadata.
 """
@@ -41,6 +42,7 @@ class KeyEntry(BaseModel):
     adapters: list[str] = Field(default_factory=lambda: ["*"])
     base_model: bool = True
     admin: bool = False
+    train: bool = False
 
     @field_validator("key_sha256")
     @classmethod
@@ -60,6 +62,7 @@ class Principal:
     adapters: tuple[str, ...] = ("*",)
     base_model: bool = True
     admin: bool = True
+    train: bool = False
 
     def check_adapter(self, adapter_id: str) -> None:
         if adapter_id == "":
@@ -72,6 +75,14 @@ class Principal:
     def check_admin(self) -> None:
         if not self.admin:
             raise PermissionDenied(f"tenant {self.tenant!r} may not call AdapterAdmin")
+
+    def check_train(self, adapter_id: str) -> None:
+        """Creating or cancelling a training job: the admin or train right, and the adapter id."""
+        if not (self.admin or self.train):
+            raise PermissionDenied(
+                f"tenant {self.tenant!r} may not train adapters (needs the train or admin right)"
+            )
+        self.check_adapter(adapter_id)
 
 
 # Without API keys every caller is this principal; the tenant then comes from the adapter id.
@@ -91,7 +102,9 @@ class KeyRing:
 
     def __init__(self, entries: list[KeyEntry]) -> None:
         self._by_hash = {
-            e.key_sha256: Principal(e.tenant, e.name or e.tenant, tuple(e.adapters), e.base_model, e.admin)
+            e.key_sha256: Principal(
+                e.tenant, e.name or e.tenant, tuple(e.adapters), e.base_model, e.admin, e.train
+            )
             for e in entries
         }
 

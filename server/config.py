@@ -132,6 +132,28 @@ class ServerConfig(BaseSettings):
     )
     max_queue_per_tenant: int = Field(256, ge=1, description="Most requests waiting or running per tenant.")
 
+    # Training service (fine-tuning on the resident base model)
+    training_share: float = Field(
+        0.3,
+        ge=0,
+        le=1,
+        description="Share of the engine's time training may take while it serves (0 disables training).",
+    )
+    training_max_seconds: float = Field(3600.0, gt=0, description="Time limit of one training job.")
+    training_max_data_bytes: int = Field(
+        16 * 2**20, ge=1, description="Largest training_data + eval_data of one job, in bytes."
+    )
+    training_max_queued_jobs: int = Field(16, ge=1, description="Most training jobs queued or running.")
+    training_max_jobs_per_tenant: int = Field(
+        2, ge=1, description="Most training jobs queued or running per tenant."
+    )
+    training_micro_batch_tokens: int = Field(
+        2048, ge=16, description="Tokens per training slice (a serving step waits at most one slice)."
+    )
+    training_state_dir: Path | None = Field(
+        None, description="Where the training job table is kept (default: ADAPTERS_DIR/.loraserve-training)."
+    )
+
     # --- network -----------------------------------------------------------------------------
     host: str = Field("127.0.0.1", description="Address the gRPC server binds to.")
     port: int = Field(50051, ge=0, le=65535, description="gRPC port (0 picks a free one).")

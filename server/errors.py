@@ -30,6 +30,10 @@ class FailedPrecondition(ServeError):
     code = "FAILED_PRECONDITION"
 
 
+class AlreadyExists(ServeError):
+    code = "ALREADY_EXISTS"
+
+
 class ResourceExhausted(ServeError):
     code = "RESOURCE_EXHAUSTED"
 

@@ -6,6 +6,10 @@ the forward pass (`with forward_context(...)`): the paged-attention metadata tha
 `loraserve.adapters.layer` reads. Module signatures therefore never change, and each piece of
 per-step state is computed once per step, not once per layer.
 
+A training pass of the Training service sets a context of its own instead: no paged attention
+(dense causal attention over a padded batch) and the job's trainable LoRA weights, which only
+that pass adds; serving steps never see them.
+
 The context lives in a `ContextVar`, so engines on different threads (or tasks) never see each
 other's step. This module sits on the bottom floor: it imports neither the engine nor the
 adapters, which both import it.
@@ -21,6 +25,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from loraserve.adapters.lora_backends import LoRAPlan
+    from loraserve.adapters.trainable import TrainableLoRA
     from loraserve.engine.attention import AttentionMetadata
 
 
@@ -30,6 +35,7 @@ class ForwardContext:
 
     attention: AttentionMetadata | None = None  # None: no paged attention (no KV cache in use)
     lora: LoRAPlan | None = None  # None: no token of the step has an adapter
+    training: TrainableLoRA | None = None  # a training job's own LoRA weights (training passes only)
 
 
 _current: ContextVar[ForwardContext | None] = ContextVar("loraserve_forward_context", default=None)

@@ -236,6 +236,19 @@ class Metrics:
             ["adapter"],
             registry=r,
         )
+        self.training_jobs = Gauge(
+            name("training_jobs"), "Training jobs in the job table, by state.", ["state"], registry=r
+        )
+        self.training_steps = Counter(name("training_steps"), "Optimizer steps of training jobs.", registry=r)
+        self.training_tokens = Counter(
+            name("training_tokens"), "Tokens trained on (forward and backward) by training jobs.", registry=r
+        )
+        self.training_step_seconds = Histogram(
+            name("training_step_seconds"),
+            "Wall time of one optimizer step of a training job, serving steps in between included.",
+            buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 25, 60),
+            registry=r,
+        )
 
         self.adapter_labels = AdapterLabels(max_adapter_labels, on_demote=self._drop_adapter_series)
 

@@ -77,7 +77,7 @@ def make_deployment(config: ServerConfig, replicas: int, num_cpus: float, num_gp
             self.metrics_port = self._serve_metrics()
             self.engine = Engine.spawn(engine_parts(cfg), self.metrics, cfg.warmup).result()
             self.services = Services.build(cfg, self.engine, self.metrics)
-            self.inference, self.admin = grpc_services(self.services)
+            self.inference, self.admin, _ = grpc_services(self.services)
             keyring = KeyRing.from_file(cfg.api_keys_file) if cfg.api_keys_file else None
             self.guard = Guard(keyring, self.metrics, phase=SERVING)
             self.replica_id = serve.get_replica_context().replica_id.unique_id

@@ -18,6 +18,9 @@ from loraserve.admin import AdapterAdmin
 from loraserve.engine.sequence import FinishReason
 from loraserve.generation import Completion, FinalRecord, GenerationCore, GenerationInput
 from loraserve.guard import Call, Guard
+from loraserve.training.jobs import JobRecord, JobState
+from loraserve.training.manager import TrainingManager
+from loraserve.training.spec import JobRequest
 from loraserve.validation import StoppingSpec, check_messages, check_sampling
 from loraserve.wiring import Services
 from loraserve_client.api import loraserve_pb2 as pb2
@@ -187,6 +190,88 @@ class AdapterAdminService:
         return pb2.ListAdaptersResponse(adapters=[adapter_info(row) for row in rows])
 
 
-def grpc_services(services: Services) -> tuple[InferenceService, AdapterAdminService]:
-    """The two gRPC servicers over one set of services."""
-    return InferenceService(services.core), AdapterAdminService(services.admin)
+TRAINING_STATES = {
+    JobState.QUEUED: pb2.TRAINING_STATE_QUEUED,
+    JobState.RUNNING: pb2.TRAINING_STATE_RUNNING,
+    JobState.SUCCEEDED: pb2.TRAINING_STATE_SUCCEEDED,
+    JobState.FAILED: pb2.TRAINING_STATE_FAILED,
+    JobState.CANCELLED: pb2.TRAINING_STATE_CANCELLED,
+}
+
+
+def training_job(record: JobRecord) -> pb2.TrainingJob:
+    job = pb2.TrainingJob(
+        job_id=record.job_id,
+        adapter_id=record.adapter_id,
+        state=TRAINING_STATES[record.state],
+        step=record.step,
+        total_steps=record.total_steps,
+        loss=record.loss,
+        error=record.error,
+        created_unix_seconds=record.created,
+        started_unix_seconds=record.started,
+        finished_unix_seconds=record.finished,
+        tenant=record.tenant,
+        eval_examples=record.eval_examples,
+        train_examples=record.train_examples,
+    )
+    if record.eval_exact_match is not None:
+        job.eval_exact_match = record.eval_exact_match
+    return job
+
+
+def job_request(request: pb2.CreateTrainingJobRequest) -> JobRequest:
+    options = request.options
+    return JobRequest(
+        adapter_id=Guard.admin_adapter(request.adapter_id),
+        training_data=request.training_data,
+        eval_data=request.eval_data,
+        steps=options.steps,
+        rank=options.rank,
+        alpha=options.alpha,
+        learning_rate=options.learning_rate,
+        batch_size=options.batch_size,
+        max_length=options.max_length,
+        target_modules=options.target_modules,
+        seed=options.seed if options.HasField("seed") else None,
+        eval_fraction=options.eval_fraction if options.HasField("eval_fraction") else None,
+        overwrite=request.overwrite,
+    )
+
+
+class TrainingService:
+    """`loraserve.v1.Training` over the training manager (rights are checked there, per job)."""
+
+    def __init__(self, training: TrainingManager) -> None:
+        self.training = training
+
+    async def CreateTrainingJob(self, request: pb2.CreateTrainingJobRequest, call: Call) -> pb2.TrainingJob:
+        return training_job(await self.training.create(job_request(request), call.principal))
+
+    async def GetTrainingJob(self, request: pb2.GetTrainingJobRequest, call: Call) -> pb2.TrainingJob:
+        return training_job(self.training.get(request.job_id, call.principal))
+
+    async def ListTrainingJobs(
+        self, request: pb2.ListTrainingJobsRequest, call: Call
+    ) -> pb2.ListTrainingJobsResponse:
+        return pb2.ListTrainingJobsResponse(
+            jobs=[training_job(r) for r in self.training.list(call.principal)]
+        )
+
+    async def CancelTrainingJob(self, request: pb2.CancelTrainingJobRequest, call: Call) -> pb2.TrainingJob:
+        return training_job(self.training.cancel(request.job_id, call.principal))
+
+    async def WatchTrainingJob(
+        self, request: pb2.WatchTrainingJobRequest, call: Call
+    ) -> AsyncIterator[pb2.TrainingJob]:
+        async for record in self.training.watch(request.job_id, call.principal):
+            yield training_job(record)
+
+
+def grpc_services(services: Services) -> tuple[InferenceService, AdapterAdminService, TrainingService]:
+    """The gRPC servicers over one set of services."""
+    return (
+        InferenceService(services.core),
+        AdapterAdminService(services.admin),
+        TrainingService(services.training),
+    )

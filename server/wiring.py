@@ -13,21 +13,26 @@ from typing import Any
 
 from loraserve.admin import AdapterAdmin
 from loraserve.generation import GenerationCore
+from loraserve.training.manager import TrainingManager
 from loraserve.validation import Limits
 
 
 @dataclass(frozen=True)
 class Services:
-    """Everything a front end calls: generation and adapter administration."""
+    """Everything a front end calls: generation, adapter administration and training."""
 
     core: GenerationCore
     admin: AdapterAdmin
+    training: TrainingManager
 
     @classmethod
     def build(cls, config: Any, engine: Any, metrics: Any) -> Services:
         limits = Limits.from_config(config, engine.loaded.max_context_length)
+        admin = AdapterAdmin(engine)
         return cls(
-            GenerationCore(engine.loaded, engine, limits, metrics, config.log_prompts), AdapterAdmin(engine)
+            GenerationCore(engine.loaded, engine, limits, metrics, config.log_prompts),
+            admin,
+            TrainingManager(engine, admin, config, metrics),
         )
 
 

@@ -10,6 +10,10 @@ change.
 "Row" here is a KV cache row (block * block_size + offset); adapter slots are another thing,
 and only the LoRA layers see them.
 
+A training pass of the Training service (loraserve.training) runs through the same function
+with a forward context that has no attention metadata: it gets dense causal attention over its
+padded batch (`dense_training_attention`), with no KV cache read or written.
+
 Batch layout: the runner flattens all sequences' new tokens into one row [1, T]. On CUDA (where
 triton imports) the step goes to `loraserve.engine.paged_attention`: one Triton kernel reads K/V
 through the row tables, decode tokens in one launch and all prefill chunks in another. Elsewhere,
@@ -102,6 +106,9 @@ def paged_attention_forward(
     **_: object,
 ) -> tuple[torch.Tensor, None]:
     """query: [1, H, T, D]; key/value: [1, KVH, T, D] -> ([1, T, H, D], None)."""
+    context = current_forward_context()
+    if context is not None and context.attention is None and context.training is not None:
+        return dense_training_attention(query, key, value, attention_mask, scaling, sliding_window), None
     meta = get_metadata()
     layer = module.layer_idx
     k_cache, v_cache = meta.k_cache[layer], meta.v_cache[layer]  # [rows, KVH, D]
@@ -146,6 +153,28 @@ def paged_attention_forward(
             oc = F.scaled_dot_product_attention(qc, kc, vc, attn_mask=mask, scale=scaling, enable_gqa=True)
         out[s : s + n] = oc[0].transpose(0, 1)
     return out.unsqueeze(0), None
+
+
+def dense_training_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None,
+    sliding_window: int | None,
+) -> torch.Tensor:
+    """query: [B, H, T, D]; key/value: [B, KVH, T, D]; attention_mask: [B, 1, T, T] bool (True
+    where attended: causal and not padding) -> [B, T, H, D]. Differentiable."""
+    mask = attention_mask
+    if sliding_window:
+        length = query.shape[2]
+        positions = torch.arange(length, device=query.device)
+        recent = positions[None, :] > positions[:, None] - sliding_window  # [T, T]
+        mask = recent if mask is None else mask & recent
+    out = F.scaled_dot_product_attention(
+        query, key, value, attn_mask=mask, is_causal=mask is None, scale=scaling, enable_gqa=True
+    )
+    return out.transpose(1, 2).contiguous()
 
 
 def register() -> str:

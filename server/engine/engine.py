@@ -49,6 +49,7 @@ from loraserve.engine.sequence import (
     Status,
     StoppingCriteria,
 )
+from loraserve.engine.timeshare import TimeShare
 from loraserve.errors import InternalError, ResourceExhausted, ServeError, Unavailable
 from loraserve.ids import tenant_of
 from loraserve.model_loader import LoadedModel
@@ -179,6 +180,8 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._stopping = False
         self.steps = 0
+        self.side_work: Any = None  # training (loraserve.training.worker), sliced between steps
+        self.timeshare: TimeShare | None = None
 
     @staticmethod
     def _slot_count(loaded: LoadedModel, config: EngineConfig) -> int:
@@ -250,6 +253,13 @@ class Engine:
     def wake(self) -> None:
         self._wake.set()
 
+    def attach_side_work(self, work: Any, share: float) -> None:
+        """Runs `work.run_slice()` on the engine's thread between serving steps, while
+        `work.has_work()`, taking at most `share` of the engine's time while it serves
+        (loraserve.engine.timeshare) and all of it while it does not."""
+        self.timeshare = TimeShare(share)
+        self.side_work = work
+
     @classmethod
     def spawn(
         cls,
@@ -311,14 +321,32 @@ class Engine:
     # ------------------------------------------------------------------ loop
     def _loop(self) -> None:
         while not self._stopping:
+            started = time.perf_counter()
             try:
                 worked = self.step()
             except Exception:
                 log.exception("engine step failed")
                 worked = False
+            if worked and self.timeshare is not None:
+                self.timeshare.add_serving(time.perf_counter() - started)
+            if self._side_slice(serving_busy=worked or self.scheduler.has_work()):
+                continue
             if not worked:
                 self._wake.wait(IDLE_WAIT_SECONDS if self.scheduler.has_work() else 1.0)
                 self._wake.clear()
+
+    def _side_slice(self, serving_busy: bool) -> bool:
+        """One slice of side work when there is some and the time share allows; True if it ran."""
+        work, share = self.side_work, self.timeshare
+        if work is None or share is None or not work.has_work() or not share.side_due(serving_busy):
+            return False
+        started = time.perf_counter()
+        try:
+            work.run_slice()
+        except Exception:  # the worker ends its own job's failures; this is a last resort
+            log.exception("side work failed")
+        share.add_side(time.perf_counter() - started)
+        return True
 
     def step(self) -> bool:
         """One iteration: schedule -> run (forward + sample) -> postprocess. False when nothing ran."""

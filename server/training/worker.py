@@ -1,0 +1,175 @@
+"""The engine's side of training: a queue of jobs, one running, advanced a slice at a time.
+
+The engine's loop calls `run_slice` on its own thread whenever its time share allows
+(loraserve.engine.timeshare): all tensor work of the process stays on that one thread. The
+worker owns no public record; it reports what happened through `report(job_id, event)`, which
+the manager (loraserve.training.manager) applies on the event loop. `submit` and `cancel` are
+called from the event loop and only touch the queue and the cancel flags, under a lock.
+
+A job that fails (diverged loss, out of memory, ran past its time limit, any error) or is
+cancelled ends with nothing in the store: the adapter is written only after its last slice.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from loraserve.training.run import Progress, TrainingFailed, TrainingRun
+from loraserve.training.spec import TrainingSpec
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Event:
+    """What happened to a job on the engine's thread."""
+
+    kind: str  # started | progress | written | failed | cancelled
+    progress: Progress | None = None
+    error: str = ""
+    adapter_dir: Path | None = None
+    seconds: float = 0.0
+    step_seconds: float = 0.0  # time of the optimizer step this progress completes (0: none)
+    tokens: int = 0  # tokens trained by this slice
+
+
+@dataclass
+class _Running:
+    job_id: str
+    spec: TrainingSpec
+    run: TrainingRun
+    started: float = field(default_factory=time.monotonic)
+    step_started: float = field(default_factory=time.perf_counter)
+    step_seconds: float = 0.0
+
+
+class TrainingWorker:
+    """Jobs for one engine; `run_slice` only on the engine's thread."""
+
+    def __init__(
+        self,
+        make_run: Callable[[TrainingSpec], TrainingRun],
+        store: Path,
+        base_model: str,
+        report: Callable[[str, Event], None],
+        max_seconds: float,
+    ) -> None:
+        self.make_run = make_run
+        self.store = store
+        self.base_model = base_model
+        self.report = report
+        self.max_seconds = max_seconds
+        self._lock = threading.Lock()
+        self._queue: deque[tuple[str, TrainingSpec]] = deque()
+        self._cancelled: set[str] = set()
+        self._current: _Running | None = None
+
+    # ------------------------------------------------------------------ any thread
+    def submit(self, job_id: str, spec: TrainingSpec) -> None:
+        with self._lock:
+            self._queue.append((job_id, spec))
+
+    def cancel(self, job_id: str) -> bool:
+        """Drops a queued job (True) or flags the running one, which ends at its next slice."""
+        with self._lock:
+            for item in self._queue:
+                if item[0] == job_id:
+                    self._queue.remove(item)
+                    return True
+            self._cancelled.add(job_id)
+            return False
+
+    def has_work(self) -> bool:
+        with self._lock:
+            return self._current is not None or bool(self._queue)
+
+    # ------------------------------------------------------------------ engine thread
+    def run_slice(self) -> None:
+        """Starts the next job if none runs, else advances the running one by a slice."""
+        current = self._current
+        if current is None:
+            self._start_next()
+            return
+        with self._lock:
+            cancelled = current.job_id in self._cancelled
+            self._cancelled.discard(current.job_id)
+        if cancelled:
+            self._end(Event("cancelled"))
+            return
+        if time.monotonic() - current.started > self.max_seconds:
+            self._end(
+                Event(
+                    "failed",
+                    error=f"ran past the training time limit of {self.max_seconds:g} s "
+                    "(--training-max-seconds)",
+                )
+            )
+            return
+        step_before = current.run.step
+        tokens_before = current.run.tokens
+        try:
+            progress = current.run.run_slice()
+            if current.run.done:
+                seconds = time.monotonic() - current.started
+                adapter_dir = current.run.write(self.store, self.base_model, seconds)
+                self._end(Event("written", progress=progress, adapter_dir=adapter_dir, seconds=seconds))
+                return
+        except TrainingFailed as error:
+            self._end(Event("failed", error=str(error)))
+            return
+        except torch.OutOfMemoryError:
+            self._end(
+                Event("failed", error="out of memory while training: try a smaller batch_size or max_length")
+            )
+            return
+        except Exception as error:
+            log.exception("training job %s failed", current.job_id)
+            self._end(
+                Event("failed", error=f"internal error while training ({type(error).__name__}: {error})")
+            )
+            return
+        step_seconds = 0.0
+        if progress.step != step_before:
+            now = time.perf_counter()
+            step_seconds, current.step_started = now - current.step_started, now
+        self.report(
+            current.job_id,
+            Event(
+                "progress",
+                progress=progress,
+                step_seconds=step_seconds,
+                tokens=current.run.tokens - tokens_before,
+            ),
+        )
+
+    def _start_next(self) -> None:
+        with self._lock:
+            if not self._queue:
+                return
+            job_id, spec = self._queue.popleft()
+            self._cancelled.discard(job_id)
+        try:
+            run = self.make_run(spec)
+        except Exception as error:
+            log.exception("training job %s could not start", job_id)
+            self.report(
+                job_id, Event("failed", error=f"could not start training ({type(error).__name__}: {error})")
+            )
+            return
+        self._current = _Running(job_id, spec, run)
+        self.report(job_id, Event("started"))
+
+    def _end(self, event: Event) -> None:
+        current, self._current = self._current, None
+        if current is None:
+            return
+        current.run.optimizer.zero_grad(set_to_none=True)
+        self.report(current.job_id, event)
