@@ -19,6 +19,7 @@ _EXPORTS = {
     **dict.fromkeys(
         (
             "AdapterNotFound",
+            "AlreadyExists",
             "AdapterRejected",
             "Cancelled",
             "DeadlineExceeded",

@@ -33,6 +33,12 @@ class AdapterRejected(LoraserveError):
     code = "FAILED_PRECONDITION"
 
 
+class AlreadyExists(LoraserveError):
+    """A training job's adapter id is taken (in the store, or by a job still running)."""
+
+    code = "ALREADY_EXISTS"
+
+
 class Overloaded(LoraserveError):
     code = "RESOURCE_EXHAUSTED"
 
