@@ -6,7 +6,17 @@ import argparse
 from pathlib import Path
 
 SYSTEMS = ("engine", "engine-base", "peft-batch", "peft-serial", "bare-loop")
-SCENARIOS = ("custom", "decode-distinct", "poisson", "overhead", "adapter-load", "sweep", "chat", "all")
+SCENARIOS = (
+    "custom",
+    "decode-distinct",
+    "poisson",
+    "overhead",
+    "adapter-load",
+    "sweep",
+    "chat",
+    "training",
+    "all",
+)
 
 
 def length_range(text: str) -> tuple[int, int]:
@@ -22,7 +32,7 @@ def add_bench_flags(parser: argparse.ArgumentParser) -> None:
         "--scenario",
         choices=SCENARIOS,
         default="custom",
-        help="decode-distinct, poisson, overhead, adapter-load, sweep, chat: fixed presets "
+        help="decode-distinct, poisson, overhead, adapter-load, sweep, chat, training: fixed presets "
         "(benchmarks/README.md); all: every preset; custom: the workload flags below",
     )
     parser.add_argument(

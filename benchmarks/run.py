@@ -30,6 +30,7 @@ from loraserve.benchmarks import systems as sysmod
 from loraserve.benchmarks.chat import scenario_chat
 from loraserve.benchmarks.models import BenchAssets, prepare
 from loraserve.benchmarks.report import plot, ratios, summarize, write_report
+from loraserve.benchmarks.training import scenario_training
 from loraserve.benchmarks.workload import BenchRequest, WorkloadSpec, make_workload, with_adapter
 from loraserve.demo.options import default_cache_dir
 
@@ -590,6 +591,7 @@ SCENARIOS = {
     "adapter-load": scenario_adapter_load,
     "sweep": scenario_sweep,
     "chat": scenario_chat,
+    "training": scenario_training,
     "custom": scenario_custom,
 }
 
@@ -597,7 +599,7 @@ SCENARIOS = {
 def run(args: argparse.Namespace) -> dict[str, Any]:
     bench = Bench(args)
     names = (
-        ["decode-distinct", "poisson", "overhead", "adapter-load", "sweep", "chat"]
+        ["decode-distinct", "poisson", "overhead", "adapter-load", "sweep", "chat", "training"]
         if args.scenario == "all"
         else [args.scenario]
     )
