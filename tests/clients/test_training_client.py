@@ -1,12 +1,13 @@
-"""The training side of the client and `loraserve train --target`, without a loraserve server:
-TrainingJob from a real protobuf message, the CreateTrainingJob request, `train`'s argument
-checks, and the client and the command against a scripted in-process Training servicer (which
-also shows which calls gRPC's retry policy replays)."""
+"""The training side of the client and `loraserve train --target`: TrainingJob from a real
+protobuf message, the CreateTrainingJob request, `train`'s argument checks, the client and the
+command against a real server on the toy model, and, where a failure must be injected (which
+calls gRPC's retry policy replays, a watch that ends early, Ctrl-C), a scripted servicer."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import shutil
 import threading
 import time
 from collections import Counter
@@ -24,6 +25,7 @@ from loraserve_client.api import loraserve_pb2 as pb2
 from loraserve_client.api import loraserve_pb2_grpc as pb2_grpc
 from loraserve_client.base import MAX_MESSAGE_BYTES, training_job_request
 from loraserve_client.cli import run, train_summary
+from tests.helpers import ServerThread
 
 ROW = {"prompt": "copy cat:", "completion": " cat"}
 DATA = (json.dumps(ROW) + "\n") * 4
@@ -302,34 +304,38 @@ def scripted():
         server.stop(None)
 
 
-def test_sync_client_training_methods(scripted) -> None:
-    target, servicer = scripted(_progress(SUCCEEDED))
-    with Client(target, api_key="lsk_k") as client:
-        job = client.create_training_job("team/cat", DATA, steps=4, seed=3, overwrite=True)
-        assert (job.job_id, job.adapter_id, job.state, job.done) == ("job-1", "team/cat", "queued", False)
-        assert servicer.requests[0].options.steps == 4 and servicer.requests[0].overwrite
+@pytest.fixture(scope="module")
+def real(toy, tmp_path_factory):
+    """A loraserve server on the toy model with a private copy of the store (jobs write into it)."""
+    store = tmp_path_factory.mktemp("training-client") / "store"
+    shutil.copytree(toy.store, store)
+    with ServerThread(model=str(toy.base), adapters_dir=store, kv_cache_bytes=2 << 20) as srv:
+        yield srv
+
+
+def test_sync_client_training_methods(real) -> None:
+    with Client(real.target) as client:
+        job = client.create_training_job("team/sync", DATA, steps=4, seed=3)
+        assert (job.adapter_id, job.state, job.done, job.total_steps) == ("team/sync", "queued", False, 4)
         updates = list(client.watch_training_job(job.job_id))
-        assert [u.state for u in updates] == ["queued", "running", "running", "running", "succeeded"]
-        assert [u.step for u in updates] == [0, 0, 2, 4, 4] and updates[-1].eval_exact_match == 0.75
-        assert client.get_training_job("job-1") == updates[-1]
-        assert [j.job_id for j in client.list_training_jobs()] == ["job-1", "job-0"]
-        assert client.cancel_training_job("job-1").state == "cancelled"
-        with pytest.raises(InvalidRequest, match="empty"):
-            client.create_training_job("team/cat", b"")
+        assert updates[-1].state == "succeeded" and updates[-1].step == 4, updates[-1].error
+        assert {u.state for u in updates[:-1]} <= {"queued", "running"}
+        assert client.get_training_job(job.job_id) == updates[-1]
+        assert job.job_id in [j.job_id for j in client.list_training_jobs()]
+        assert client.cancel_training_job(job.job_id).state == "succeeded"  # already ended
+        with pytest.raises(InvalidRequest, match="training_data is empty"):
+            client.create_training_job("team/sync2", b"")
 
 
-def test_async_client_training_methods(scripted) -> None:
-    target, servicer = scripted(_progress(SUCCEEDED))
-
+def test_async_client_training_methods(real) -> None:
     async def main() -> None:
-        async with AsyncClient(target) as client:
-            job = await client.create_training_job("team/cat", DATA.encode(), rank=4)
-            assert job.state == "queued" and servicer.requests[0].options.rank == 4
+        async with AsyncClient(real.target) as client:
+            job = await client.create_training_job("team/async", DATA.encode(), steps=3, rank=4)
+            assert job.state == "queued"
             states = [u.state async for u in client.watch_training_job(job.job_id)]
-            assert states[-1] == "succeeded" and len(states) == 5
-            assert (await client.get_training_job("job-1")).done
-            assert len(await client.list_training_jobs()) == 2
-            assert (await client.cancel_training_job("job-1")).state == "cancelled"
+            assert states[-1] == "succeeded"
+            assert (await client.get_training_job(job.job_id)).done
+            assert job.job_id in [j.job_id for j in await client.list_training_jobs()]
 
     asyncio.run(main())
 
@@ -367,38 +373,46 @@ def _train(target: str, tmp_path: Path, *flags: str) -> int:
     )
 
 
-def test_train_target_follows_the_job_and_exits_0_when_it_succeeds(scripted, tmp_path, capsys) -> None:
-    target, servicer = scripted(_progress(SUCCEEDED))
-    assert _train(target, tmp_path, "--lr", "0.001", "--force", "--steps", "4") == 0
+def test_train_target_follows_the_job_and_exits_0_when_it_succeeds(real, tmp_path, capsys) -> None:
+    data = tmp_path / "train.jsonl"
+    data.write_text(DATA)
+    argv = ["train", "--target", real.target, "--data", str(data), "--adapter-id", "team/cli"]
+    assert run(parse_args([*argv, "--lr", "0.001", "--steps", "4", "--eval-fraction", "0"])) == 0
     out, err = capsys.readouterr()
-    assert out == (
-        "team/cat: succeeded, 4/4 steps in 12.0 s, loss 0.500, held-out exact match 75.0% of 4 (job job-1)\n"
-    )
-    assert f"queued training job job-1 for adapter team/cat on {target}" in err
-    assert "4/4" in err and "loss 0.500" in err  # tqdm's bar, on stderr
-    request = servicer.requests[0]
-    assert request.training_data == DATA.encode() and request.overwrite
-    assert request.options.learning_rate == pytest.approx(1e-3) and request.options.steps == 4
-    # Flags left unset are not sent: the server's defaults apply.
-    assert (request.options.rank, request.options.batch_size, request.options.target_modules) == (0, 0, "")
-    assert not request.options.HasField("seed") and not request.options.HasField("eval_fraction")
+    assert out.startswith("team/cli: succeeded, 4/4 steps in ")
+    assert "for adapter team/cli on " + real.target in err
+    assert "4/4" in err  # tqdm's bar, on stderr
+    with Client(real.target) as client:
+        assert "team/cli" in [a.adapter_id for a in client.list_adapters()]  # served at once
+    # A second run refuses the id it already wrote, unless --force
+    assert run(parse_args([*argv, "--steps", "2"])) == 1
+    assert "ALREADY_EXISTS: adapter 'team/cli' already exists" in capsys.readouterr().err
+    assert run(parse_args([*argv, "--steps", "2", "--force", "--quiet"])) == 0
 
 
-def test_train_target_exits_1_with_the_reason_when_the_job_fails(scripted, tmp_path, capsys) -> None:
-    target, _ = scripted(_progress(FAILED))
-    assert _train(target, tmp_path, "--quiet") == 1
+def test_train_target_exits_1_with_the_reason_when_the_job_fails(toy, tmp_path, capsys) -> None:
+    store = tmp_path / "store"
+    shutil.copytree(toy.store, store)
+    with ServerThread(
+        model=str(toy.base), adapters_dir=store, kv_cache_bytes=2 << 20, training_max_seconds=0.2
+    ) as srv:
+        data = tmp_path / "train.jsonl"
+        data.write_text(DATA)
+        argv = ["train", "--target", srv.target, "--data", str(data), "--adapter-id", "team/slow"]
+        assert run(parse_args([*argv, "--steps", "100000", "--quiet"])) == 1
     out, err = capsys.readouterr()
-    assert out.startswith("team/cat: failed, 2/4 steps in 1.0 s, loss 1.500")
-    assert err == "loraserve: training job job-1 failed: loss is NaN\n"  # --quiet: no bar
+    assert out.startswith("team/slow: failed, ")
+    assert err.startswith("loraserve: training job job-") and "training time limit of 0.2 s" in err
 
 
-def test_train_target_refused_data_is_one_line(scripted, tmp_path, capsys) -> None:
-    target, _ = scripted(_progress(SUCCEEDED))
-    empty = tmp_path / "empty.jsonl"
-    empty.write_text("")
-    code = run(parse_args(["train", "--target", target, "--data", str(empty), "--adapter-id", "x"]))
+def test_train_target_refused_data_is_one_line(real, tmp_path, capsys) -> None:
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(DATA + '{"prompt": "x"}\n')
+    code = run(parse_args(["train", "--target", real.target, "--data", str(bad), "--adapter-id", "x"]))
     assert code == 1
-    assert capsys.readouterr().err == "loraserve: INVALID_ARGUMENT: training_data: the data set is empty\n"
+    assert capsys.readouterr().err == (
+        "loraserve: INVALID_ARGUMENT: training_data:5: missing field 'completion' (or give 'messages')\n"
+    )
 
 
 def test_ctrl_c_while_watching_leaves_the_job_running(scripted, tmp_path, capsys, monkeypatch) -> None:
@@ -424,12 +438,22 @@ def test_a_watch_that_ends_early_is_checked_once_more(scripted, tmp_path, capsys
     assert servicer.attempts["get"] == 1
 
 
-def test_train_target_imports_no_torch(scripted, tmp_path) -> None:
+def test_train_target_imports_no_torch(real, tmp_path) -> None:
     from tests.clients.test_cli import cli
 
-    target, _ = scripted(_progress(SUCCEEDED))
     data = tmp_path / "train.jsonl"
     data.write_text(DATA)
-    done = cli("train", "--target", target, "--data", str(data), "--adapter-id", "team/cat", blocked=True)
+    argv = [
+        "train",
+        "--target",
+        real.target,
+        "--data",
+        str(data),
+        "--adapter-id",
+        "team/light",
+        "--steps",
+        "2",
+    ]
+    done = cli(*argv, blocked=True)
     assert done.returncode == 0, done.stderr
-    assert done.stdout.startswith("team/cat: succeeded, 4/4 steps")
+    assert done.stdout.startswith("team/light: succeeded, 2/2 steps")
