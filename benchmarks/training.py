@@ -6,7 +6,9 @@ One engine (the bench model in NF4, 4 adapters) serves the same closed-loop work
    packed inference weights have no backward, so the first job unpacks them: this phase is
    the fair baseline for the next ones, and its ratio to phase 1 is the cost of that);
 3. `training-<tokens>`: a job trains throughout (synthetic sequences, batch 8, rank 16 on every
-   adapted module) under `--training-share` 0.3, for each micro-batch size (the slice length).
+   adapted module) under `--training-share` 0.3, for each micro-batch size (the slice length;
+   the first is the server's default);
+4. `idle-after`: no job left, the base's inference layout restored, as the server does.
 The report gives each phase's ITL and TTFT percentiles and throughput, the ratios of ITL p99
 with a job training to idle, and the job's optimizer steps per second while serving and alone.
 """
@@ -22,7 +24,7 @@ from typing import Any
 
 from loraserve.benchmarks.report import summarize
 from loraserve.training.jobs import JobState
-from loraserve.training.run import TrainingRun, make_base_trainable
+from loraserve.training.run import TrainingRun, make_base_trainable, restore_inference_layout
 from loraserve.training.spec import JobOptions, TrainingSpec
 from loraserve.training.worker import Event, TrainingWorker
 
@@ -33,7 +35,7 @@ PRESET: dict[str, Any] = {
     "prompt_len": (32, 64),
     "output_len": (32, 64),
     "share": 0.3,
-    "micro_batch_tokens": [2048, 256],
+    "micro_batch_tokens": [512, 2048],
     "train_examples": 64,
     "train_length": 128,
     "batch_size": 8,
@@ -164,17 +166,23 @@ def scenario_training(bench: Any) -> dict[str, Any]:
                 time.sleep(p["alone_seconds"])  # the job alone: all of the engine's time
                 alone_steps, alone_seconds = job.steps - before, time.perf_counter() - started
                 job.stop()
+                restore_inference_layout(engine.loaded.model)  # what the server does when no job is left
                 training[label] = {
                     "micro_batch_tokens": tokens,
                     "steps_per_s_while_serving": serving_steps / served_seconds,
                     "steps_per_s_alone": alone_steps / alone_seconds,
                     "engine_time_share_measured": share,
                 }
+        systems["idle-after"] = serve("idle-after")
     finally:
         engine.shutdown()
     idle = systems["idle"]
     ratios = {
         "itl_p99_idle/as-loaded": _ratio(_itl(idle, "p99"), _itl(systems["idle-as-loaded"], "p99")),
+        "itl_p50_idle/as-loaded": _ratio(_itl(idle, "p50"), _itl(systems["idle-as-loaded"], "p50")),
+        "itl_p50_idle-after/as-loaded": _ratio(
+            _itl(systems["idle-after"], "p50"), _itl(systems["idle-as-loaded"], "p50")
+        ),
         "throughput_as-loaded/idle": _ratio(
             systems["idle-as-loaded"]["throughput_tokens_per_s"], idle["throughput_tokens_per_s"]
         ),

@@ -148,7 +148,7 @@ class ServerConfig(BaseSettings):
         2, ge=1, description="Most training jobs queued or running per tenant."
     )
     training_micro_batch_tokens: int = Field(
-        2048, ge=16, description="Tokens per training slice (a serving step waits at most one slice)."
+        512, ge=16, description="Tokens per training slice (a serving step waits at most one slice)."
     )
     training_state_dir: Path | None = Field(
         None, description="Where the training job table is kept (default: ADAPTERS_DIR/.loraserve-training)."

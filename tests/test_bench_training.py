@@ -21,7 +21,7 @@ def test_training_scenario_serves_every_phase_and_the_job_trains(tmp_path: Path)
     )
     scenario = run(args)["scenarios"]["training"]
     requests = scenario["workload"]["requests"]
-    assert set(scenario["systems"]) == {"idle-as-loaded", "idle", "training-256"}
+    assert set(scenario["systems"]) == {"idle-as-loaded", "idle", "training-256", "idle-after"}
     for summary in scenario["systems"].values():
         assert summary["completed"] == requests and summary["errors"] == 0
     job = scenario["training"]["training-256"]

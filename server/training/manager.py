@@ -30,7 +30,7 @@ from loraserve.errors import (
     ResourceExhausted,
 )
 from loraserve.training.jobs import JobRecord, JobState, JobTable, new_job_id
-from loraserve.training.run import TrainingRun
+from loraserve.training.run import TrainingRun, restore_inference_layout
 from loraserve.training.spec import JobRequest, TrainingSpec, prepare
 from loraserve.training.worker import Event, TrainingWorker
 
@@ -57,7 +57,12 @@ class TrainingManager:
         self.worker: TrainingWorker | None = None
         if self.enabled:
             self.worker = TrainingWorker(
-                self._make_run, self.store, engine.loaded.name, self._report, config.training_max_seconds
+                self._make_run,
+                self.store,
+                engine.loaded.name,
+                self._report,
+                config.training_max_seconds,
+                on_idle=lambda: restore_inference_layout(engine.loaded.model),
             )
             engine.attach_side_work(self.worker, config.training_share)
         self._count_states()

@@ -61,12 +61,14 @@ class TrainingWorker:
         base_model: str,
         report: Callable[[str, Event], None],
         max_seconds: float,
+        on_idle: Callable[[], None] | None = None,
     ) -> None:
         self.make_run = make_run
         self.store = store
         self.base_model = base_model
         self.report = report
         self.max_seconds = max_seconds
+        self.on_idle = on_idle  # called on the engine's thread when the last queued job has ended
         self._lock = threading.Lock()
         self._queue: deque[tuple[str, TrainingSpec]] = deque()
         self._cancelled: set[str] = set()
@@ -173,3 +175,7 @@ class TrainingWorker:
             return
         current.run.optimizer.zero_grad(set_to_none=True)
         self.report(current.job_id, event)
+        with self._lock:
+            idle = not self._queue
+        if idle and self.on_idle is not None:
+            self.on_idle()

@@ -12,7 +12,7 @@ from loraserve.adapters.trainable import select_modules
 from loraserve.engine.attention import register
 from loraserve.errors import InvalidArgument
 from loraserve.model_loader import load_base_model
-from loraserve.training.run import TrainingRun, make_base_trainable
+from loraserve.training.run import TrainingRun, make_base_trainable, restore_inference_layout
 from loraserve.training.spec import JobRequest, prepare
 
 DATA = "\n".join(
@@ -107,6 +107,10 @@ def test_no_packed_cpu_weights_are_left_for_training(toy) -> None:
     for layer in layers:
         assert not getattr(layer.weight.quant_state, "packing_format_for_cpu", False)
         assert layer.support_avx512bf16_for_cpu is False
+    restore_inference_layout(run.parts[2])  # once no job is left, serving may pack them again
+    assert [layer.support_avx512bf16_for_cpu for layer in layers] == [
+        layer._loraserve_packs for layer in layers
+    ]
 
 
 def test_select_modules() -> None:

@@ -85,6 +85,21 @@ class Driver:
             elif on_step is not None:
                 on_step()
 
+    def resident(self, *adapter_ids: str, timeout: float = 120.0) -> None:
+        """Loads adapters into device slots before a test whose step-by-step assertions must not
+        depend on when a reader thread finishes (a request whose adapter is still being read stays
+        queued, so it would join the batch a timing-dependent number of steps late)."""
+        futures = [self.engine.adapters.load(adapter_id) for adapter_id in adapter_ids]
+        deadline = time.monotonic() + timeout
+        while not all(future.done() for future in futures):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"adapters {adapter_ids} were not loaded")
+            if not self.engine.step():  # its housekeeping places the loaded adapters
+                time.sleep(0.001)
+        for adapter_id, future in zip(adapter_ids, futures):
+            future.result()  # raises the adapter's error, if it was refused
+            assert self.engine.adapters.describe_one(adapter_id).tier == "device", adapter_id
+
     def generate(self, prompt: str, adapter: str = "", max_new_tokens: int = 8, **kwargs) -> Outcome:
         _, outcome = self.submit(prompt, adapter, max_new_tokens, **kwargs)
         self.run([outcome])

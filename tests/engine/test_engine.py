@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import time
 
 from loraserve.engine.sequence import FinishReason, SamplingParams
 from tests.helpers import PROMPTS, TOY_ADAPTERS
@@ -66,7 +67,7 @@ def test_kv_blocks_and_pins_return_after_finish_cancel_timeout_and_preemption(ma
     assert engine.blocks.num_blocks == 10
     finished = driver.submit(PROMPTS[0], "a1", 6)[1]
     cancelled_seq, cancelled = driver.submit(PROMPTS[1], "org/a2", 100, ignore_eos=True)
-    timed = driver.submit(PROMPTS[2], "a3", 100, ignore_eos=True, max_time_seconds=0.05)[1]
+    timed_seq, timed = driver.submit(PROMPTS[2], "a3", 100, ignore_eos=True, max_time_seconds=0.05)
     # Three base requests of 4 blocks each cannot fit 10 blocks together: preemption is certain.
     preempted = [driver.submit(PROMPTS[3], "", 60, ignore_eos=True)[1] for _ in range(3)]
     waiting_seq, waiting = driver.submit(PROMPTS[0], "a4", 5)
@@ -79,6 +80,9 @@ def test_kv_blocks_and_pins_return_after_finish_cancel_timeout_and_preemption(ma
             engine.abort(cancelled_seq)
         if steps == 4:
             engine.abort(waiting_seq)
+            # Past its deadline whatever the machine's speed (100 tokens never fit in 50 ms, but
+            # the test need not rely on that).
+            time.sleep(max(0.0, timed_seq.deadline - time.monotonic()) + 0.01)
 
     driver.run([finished, cancelled, timed, *preempted, waiting], on_step=chaos)
     assert cancelled.finish_reason is FinishReason.CANCELLED
@@ -96,6 +100,9 @@ def test_kv_blocks_and_pins_return_after_finish_cancel_timeout_and_preemption(ma
 def test_chunked_prefill_does_not_stall_decodes(make_driver) -> None:
     driver = make_driver(max_num_batched_tokens=16)
     engine = driver.engine
+    # Resident first: were a1 still being read, the long prompt would wait for it while the short
+    # request decodes on, and could finish it before the long prompt's chunks even begin.
+    driver.resident("a1")
     short = driver.submit(PROMPTS[0], "", 40, ignore_eos=True)[1]
     while not short.outputs:
         engine.step()
@@ -112,6 +119,9 @@ def test_chunked_prefill_does_not_stall_decodes(make_driver) -> None:
 
 def test_fair_share_between_a_heavy_and_a_light_tenant(make_driver) -> None:
     driver = make_driver(max_num_seqs=2, max_loaded_adapters=2)
+    # Both resident first: otherwise the heavy tenant is served alone for as long as the light
+    # tenant's adapter takes to read, which is timing, not fairness.
+    driver.resident("a1", "org/a2")
     heavy = [driver.submit(PROMPTS[0], "a1", 6, tenant="heavy", ignore_eos=True)[1] for _ in range(30)]
     light = [driver.submit(PROMPTS[1], "org/a2", 6, tenant="light", ignore_eos=True)[1] for _ in range(3)]
     served = {"heavy": 0, "light": 0}

@@ -129,11 +129,14 @@ def test_sampler_raising_fails_the_sampling_rows_and_prompt_chunks_go_on(
     # A 16-token budget: the long prompt runs in chunks while the short requests sample.
     driver = make_driver(max_num_batched_tokens=16)
     engine = driver.engine
+    # Resident first, so that the steps below do what they say whatever the reader threads' speed:
+    # with a1 still being read, the base request could finish before the a1 one sampled at all.
+    driver.resident("a1", "a3")
     short = [driver.submit(p, a, 6, ignore_eos=True)[1] for p, a in zip(PROMPTS[:2], ["", "a1"])]
     while not all(o.outputs for o in short):
         engine.step()
     long_prompt = list(range(10, 70))
-    long = driver.submit(long_prompt, "a3", 4, ignore_eos=True)[1]
+    long_seq, long = driver.submit(long_prompt, "a3", 4, ignore_eos=True)
     real_sample = engine_module.sample
     calls = []
 
@@ -147,7 +150,7 @@ def test_sampler_raising_fails_the_sampling_rows_and_prompt_chunks_go_on(
     engine.step()  # the decodes sample (and fail); a chunk of the long prompt advances
     assert all(o.finish_reason is FinishReason.ERROR for o in short)
     assert all(isinstance(o.outputs[-1].error, InternalError) for o in short)
-    assert not long.outputs
+    assert not long.outputs and long_seq.num_computed > 0  # its first chunk went through
     driver.run([long])
     assert long.token_ids == peft_ref.generate(long_prompt, "a3", 4, ignore_eos=True)
     assert_nothing_held(engine)

@@ -134,6 +134,10 @@ def test_greedy_outputs_are_the_same_with_the_cache_on_and_off(make_driver, peft
     ]
     on = make_driver(max_loaded_adapters=5, **shape)
     off = make_driver(max_loaded_adapters=5, enable_prefix_caching=False, **shape)
+    # Resident first: which requests run together (and so whether they outgrow the pool) must
+    # not depend on when the reader threads finish.
+    for driver in (on, off):
+        driver.resident(*ADAPTERS[1:])
     on_runs, off_runs = _run_twice(on, jobs), _run_twice(off, jobs)
     for turn in range(2):
         for (ids, adapter, n), got, ref in zip(jobs, on_runs[turn], off_runs[turn]):
@@ -168,7 +172,7 @@ def test_tenants_do_not_share_blocks(make_driver) -> None:
     assert _cached(driver.generate(ids, "a1", 2, tenant="acme")) == 48
 
 
-def _step_until(engine, done, timeout: float = 60.0) -> None:
+def _step_until(engine, done, timeout: float = 120.0) -> None:
     deadline = time.monotonic() + timeout
     while not done():
         assert time.monotonic() < deadline, "timed out"
@@ -211,6 +215,7 @@ def test_eviction_under_memory_pressure_leaks_nothing(make_driver, peft_ref) -> 
     driver = make_driver(block_size=4, kv_cache_bytes=16 * 2 * 2 * 4 * 2 * 16 * 4, max_num_seqs=4)
     engine = driver.engine
     assert engine.blocks.num_blocks == 16
+    driver.resident(*ADAPTERS[1:])  # the order the groups run in is then the scheduler's alone
     rng = random.Random(3)
     systems = [[rng.randint(10, 300) for _ in range(rng.randint(12, 24))] for _ in range(5)]
     # Groups of 8 on one (system prompt, adapter): the later ones of a group find the earlier ones' blocks.
@@ -226,7 +231,10 @@ def test_eviction_under_memory_pressure_leaks_nothing(make_driver, peft_ref) -> 
 
 def test_same_prefix_arriving_together_is_right_either_way(make_driver, peft_ref) -> None:
     # Admitted in the same step: both compute the prefix (the second copy stays private).
+    # a3 and a5 resident first: were an adapter read to finish between the scheduler's looks at
+    # two queued requests, the later one could be admitted a step ahead of the earlier.
     driver = make_driver()
+    driver.resident("a3")
     prefix = SYSTEM + list(range(100, 148))  # 96 tokens
     a, b = [*prefix, 7, 8], [*prefix, 9]
     together = [driver.submit(a, "a3", 6, ignore_eos=True)[1], driver.submit(b, "a3", 6, ignore_eos=True)[1]]
@@ -236,6 +244,7 @@ def test_same_prefix_arriving_together_is_right_either_way(make_driver, peft_ref
     # Chunks of 24 tokens: the second waits while the first's prefill fills blocks, then shares them.
     driver = make_driver(max_num_batched_tokens=24)
     engine = driver.engine
+    driver.resident("a5")
     first = driver.submit([*LONG, 5], "a5", 6, ignore_eos=True)[1]
     engine.step()
     second = driver.submit([*LONG, 6], "a5", 6, ignore_eos=True)[1]

@@ -3,6 +3,7 @@ next, and the bound on how long a cold adapter's request can be passed over."""
 
 from __future__ import annotations
 
+import threading
 import time
 
 import torch
@@ -17,7 +18,7 @@ from loraserve.engine.sequence import Status
 from tests.engine.conftest import Outcome
 
 
-def _wait_until_read(entry: AdapterEntry, timeout: float = 60.0) -> None:
+def _wait_until_read(entry: AdapterEntry, timeout: float = 120.0) -> None:
     """Waits (without stepping the engine) for a reader thread to bring the adapter to host memory."""
     deadline = time.monotonic() + timeout
     while entry.tier == "disk":
@@ -102,8 +103,23 @@ def test_a_queued_cold_adapter_is_resident_before_its_first_step(make_driver) ->
     running, running_done = driver.submit("the quick brown fox", "", max_new_tokens=200, ignore_eos=True)
     driver.engine.step()
     assert running.status is Status.RUNNING
-    queued, queued_done = driver.submit("hello world", "a5")
-    assert queued.adapter.tier == "disk"  # its read started on a reader thread at submit
+    # The reader is held at the files' opening, so that the check below sees the adapter on disk
+    # however fast the reader thread would otherwise be.
+    reading, release = threading.Event(), threading.Event()
+
+    def hold(adapter_id: str) -> None:
+        if adapter_id == "a5":
+            reading.set()
+            release.wait(120)
+
+    driver.engine.adapters.reader.before_open = hold
+    try:
+        queued, queued_done = driver.submit("hello world", "a5")
+        assert reading.wait(120)  # its read started on a reader thread at submit, without a step
+        assert queued.adapter.tier == "disk"
+    finally:
+        release.set()
+        driver.engine.adapters.reader.before_open = None
     _wait_until_read(queued.adapter)
     steps = driver.engine.steps
     driver.engine.step()  # the running request's step: the queued adapter is staged after scheduling

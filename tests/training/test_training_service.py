@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from loraserve.auth import key_entry_toml
-from loraserve.training.run import TrainingRun, make_base_trainable
+from loraserve.training.run import TrainingRun, make_base_trainable, restore_inference_layout
 from loraserve_client import (
     AlreadyExists,
     AsyncClient,
@@ -123,8 +123,13 @@ def test_the_served_adapter_equals_peft_on_the_written_folder(trainer) -> None:
         job = wait_for(client, job.job_id, lambda j: j.done)
         assert job.state == "succeeded", job.error
         served = {c: client.generate(f"color {c} ->", "colors", max_new_tokens=8).token_ids for c, _ in PAIRS}
+    # The server's base went through what a job does to it: served (bitsandbytes may pack its CPU
+    # weights), made trainable (unpacked), its inference layout restored once no job was left.
     loaded = load_base_model(str(trainer.config.model), "nf4", "cpu", "float32")
-    make_base_trainable(loaded.model)  # the same 4-bit kernel as the server after training
+    with torch.inference_mode():
+        loaded.model(torch.tensor([[1, 2, 3]]))
+    make_base_trainable(loaded.model)
+    restore_inference_layout(loaded.model)
     model = PeftModel.from_pretrained(loaded.model, str(trainer.store / "colors")).eval()
     for color, _ in PAIRS:
         ids = loaded.tokenizer(f"color {color} ->")["input_ids"]
