@@ -10,10 +10,12 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 
 import grpc
 import pytest
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+from prometheus_client.parser import text_string_to_metric_families
 
 from loraserve import app as app_module
 from loraserve import model_loader
@@ -27,7 +29,7 @@ def test_health_is_not_serving_until_the_model_is_loaded(toy, monkeypatch) -> No
     real_load = model_loader.load_base_model
 
     def slow_load(*args, **kwargs):
-        gate.wait(30)
+        gate.wait(300)  # set by the test (or its finally): the load must wait for the checks below
         return real_load(*args, **kwargs)
 
     monkeypatch.setattr(model_loader, "load_base_model", slow_load)
@@ -35,7 +37,7 @@ def test_health_is_not_serving_until_the_model_is_loaded(toy, monkeypatch) -> No
     loop = asyncio.new_event_loop()
     server = app_module.LoraServer(config)
     threading.Thread(target=loop.run_forever, daemon=True).start()
-    port = asyncio.run_coroutine_threadsafe(server.start(), loop).result(30)
+    port = asyncio.run_coroutine_threadsafe(server.start(), loop).result(120)
     try:
         with Client(f"127.0.0.1:{port}", retries=0) as client:
             assert client.health() == "NOT_SERVING"
@@ -43,7 +45,7 @@ def test_health_is_not_serving_until_the_model_is_loaded(toy, monkeypatch) -> No
             with pytest.raises(Unavailable, match="starting"):
                 client.generate("hello", max_new_tokens=2)
             gate.set()
-            client.wait_until_serving(60)
+            client.wait_until_serving(120)
             assert client.generate("hello", max_new_tokens=2).usage.completion_tokens == 2
             channel = grpc.insecure_channel(f"127.0.0.1:{port}")
             services = ProtoReflectionDescriptorDatabase(channel).get_services()
@@ -53,7 +55,7 @@ def test_health_is_not_serving_until_the_model_is_loaded(toy, monkeypatch) -> No
             channel.close()
     finally:
         gate.set()
-        asyncio.run_coroutine_threadsafe(server.drain(0), loop).result(30)
+        asyncio.run_coroutine_threadsafe(server.drain(0), loop).result(120)
         loop.call_soon_threadsafe(loop.stop)
 
 
@@ -119,7 +121,7 @@ def test_sigterm_during_start_up_stops_cleanly(toy, monkeypatch, caplog) -> None
     assert server.failed is None
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
     assert "interrupted during start-up" in caplog.text
-    deadline = time.monotonic() + 60  # the engine finished loading after the signal: it is shut down
+    deadline = time.monotonic() + 120  # the engine finished loading after the signal: it is shut down
     while engines() > before and time.monotonic() < deadline:
         time.sleep(0.1)
     assert engines() == before
@@ -135,7 +137,7 @@ def test_flags_override_environment(monkeypatch) -> None:
     assert (config.port, config.max_lora_rank, config.warmup) == (7000, 32, False)
 
 
-def _wait_serving(target: str, process: subprocess.Popen, timeout: float = 90) -> None:
+def _wait_serving(target: str, process: subprocess.Popen, timeout: float = 180) -> None:
     deadline = time.monotonic() + timeout
     with Client(target, retries=0) as client:
         while time.monotonic() < deadline:
@@ -149,8 +151,15 @@ def _wait_serving(target: str, process: subprocess.Popen, timeout: float = 90) -
     raise TimeoutError("server did not become SERVING")
 
 
+def _accepted(metrics_port: int) -> float:
+    """Requests the server's engine has accepted so far, from its metrics."""
+    text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=30).read().decode()
+    name = "loraserve_adapter_requests_total"
+    return sum(s.value for f in text_string_to_metric_families(text) for s in f.samples if s.name == name)
+
+
 def test_sigterm_drains_in_flight_streams_then_exits_zero(toy) -> None:
-    port = free_port()
+    port, metrics_port = free_port(), free_port()
     process = subprocess.Popen(
         [
             sys.executable,
@@ -164,7 +173,7 @@ def test_sigterm_drains_in_flight_streams_then_exits_zero(toy) -> None:
             "--port",
             str(port),
             "--metrics-port",
-            "0",
+            str(metrics_port),
             "--max-num-seqs",
             "1",
             "--kv-cache-bytes",
@@ -200,12 +209,29 @@ def test_sigterm_drains_in_flight_streams_then_exits_zero(toy) -> None:
         threads = [threading.Thread(target=stream, args=(i,)) for i in range(3)]
         for thread in threads:
             thread.start()
-        assert first_chunk.wait(60)
-        time.sleep(0.05)
+        assert first_chunk.wait(120)
+        # All three accepted by the engine before the signal (one seat: they run one at a time),
+        # however late their threads got to send them; then the signal, and new work once the
+        # server has started draining (health NOT_SERVING comes with the guard's DRAINING phase).
+        deadline = time.monotonic() + 120
+        while _accepted(metrics_port) < 3:
+            assert time.monotonic() < deadline, "the three streams were not all accepted"
+            time.sleep(0.02)
         process.send_signal(signal.SIGTERM)
-        time.sleep(0.3)
-        with Client(target, retries=0) as client, pytest.raises(Unavailable):
-            client.generate("new work", max_new_tokens=2)
+        with Client(target, retries=0) as client:
+
+            def serving() -> bool:
+                try:
+                    return client.health(timeout=30) == "SERVING"
+                except Unavailable:  # drained and gone already
+                    return False
+
+            deadline = time.monotonic() + 120
+            while serving():
+                assert time.monotonic() < deadline, "the server did not start draining"
+                time.sleep(0.02)
+            with pytest.raises(Unavailable):
+                client.generate("new work", max_new_tokens=2)
         for thread in threads:
             thread.join(320)
         assert results == {0: 96, 1: 96, 2: 96}
