@@ -9,7 +9,7 @@ import time
 import httpx
 import pytest
 
-from loraserve_client import AsyncClient
+from loraserve_client import AsyncClient, Client
 from tests.helpers import PROMPTS
 from tests.http.conftest import HeldEngine, settle
 
@@ -22,6 +22,13 @@ def cancelled(srv) -> float:
 
 def test_http_and_grpc_requests_share_batches(http_server, base_url, monkeypatch) -> None:
     engine = http_server.engine
+    # Both adapters in the server's two device slots first: were one still being read when the
+    # engine is released, the other's requests could run (and finish) without it, in batches of
+    # one adapter only, however the requests arrived.
+    with Client(http_server.target) as client:
+        for adapter in ADAPTERS:
+            client.load_adapter(adapter)
+    assert all(engine.adapters.describe_one(a).tier == "device" for a in ADAPTERS)
     held = HeldEngine(http_server, monkeypatch)
     batches: list[list[tuple[str, str]]] = []
     inner = engine.runner.execute
@@ -57,8 +64,9 @@ def test_http_and_grpc_requests_share_batches(http_server, base_url, monkeypatch
 
             tasks = [asyncio.create_task(over_http(i)) for i in range(6)]
             tasks += [asyncio.create_task(over_grpc(i)) for i in range(6)]
-            # Every request is in the engine before its first forward pass runs.
-            deadline = time.monotonic() + 60
+            # Every request is in the engine before the forward pass after the held one runs:
+            # that step admits all those still queued, on the two resident adapters.
+            deadline = time.monotonic() + 120
             while engine.in_flight < 12 and time.monotonic() < deadline:
                 await asyncio.sleep(0.01)
             assert engine.in_flight == 12
@@ -66,7 +74,10 @@ def test_http_and_grpc_requests_share_batches(http_server, base_url, monkeypatch
             ids = await asyncio.gather(*tasks)
             return set(ids[:6]), set(ids[6:])
 
-    http_ids, grpc_ids = asyncio.run(run())
+    try:
+        http_ids, grpc_ids = asyncio.run(run())
+    finally:
+        held.release()
     shared = [
         batch
         for batch in batches
@@ -124,11 +135,14 @@ def test_a_client_that_gives_up_on_a_plain_request_ends_it(http_server, base_url
     held = HeldEngine(http_server, monkeypatch)
     before = cancelled(http_server)
     body = {"model": "a1", "prompt": "hello", "max_tokens": 50}
-    with pytest.raises(httpx.ReadTimeout):
-        httpx.post(base_url + "/v1/completions", json=body, timeout=httpx.Timeout(60, read=0.5))
-    deadline = time.monotonic() + 30
-    while cancelled(http_server) == before and time.monotonic() < deadline:
-        time.sleep(0.02)
-    held.release()
+    try:
+        # The engine is held: no answer can come, whatever the machine's speed.
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(base_url + "/v1/completions", json=body, timeout=httpx.Timeout(60, read=0.5))
+        deadline = time.monotonic() + 120
+        while cancelled(http_server) == before and time.monotonic() < deadline:
+            time.sleep(0.02)
+    finally:
+        held.release()
     assert cancelled(http_server) == before + 1
     settle(http_server)
