@@ -220,6 +220,11 @@ def training_job(record: JobRecord) -> pb2.TrainingJob:
     return job
 
 
+def _decimal(value: float) -> float:
+    """A proto float (float32) as the decimal the client wrote: 0.003, not 0.0030000000260770321."""
+    return float(f"{value:.7g}")
+
+
 def job_request(request: pb2.CreateTrainingJobRequest) -> JobRequest:
     options = request.options
     return JobRequest(
@@ -228,13 +233,13 @@ def job_request(request: pb2.CreateTrainingJobRequest) -> JobRequest:
         eval_data=request.eval_data,
         steps=options.steps,
         rank=options.rank,
-        alpha=options.alpha,
-        learning_rate=options.learning_rate,
+        alpha=_decimal(options.alpha),
+        learning_rate=_decimal(options.learning_rate),
         batch_size=options.batch_size,
         max_length=options.max_length,
         target_modules=options.target_modules,
         seed=options.seed if options.HasField("seed") else None,
-        eval_fraction=options.eval_fraction if options.HasField("eval_fraction") else None,
+        eval_fraction=_decimal(options.eval_fraction) if options.HasField("eval_fraction") else None,
         overwrite=request.overwrite,
     )
 

@@ -167,8 +167,11 @@ def test_grpcurl_examples_fit_the_proto() -> None:
     json_format.Parse(response, pb2.GenerateResponse())
 
 
-def test_python_client_example_uses_real_methods() -> None:
-    (snippet,) = code_blocks(README.read_text(), "python")
-    compile(snippet, "README.md", "exec")
-    for method in set(re.findall(r"client\.(\w+)\(", snippet)):
-        assert callable(getattr(Client, method, None)), method
+def test_python_client_examples_use_real_methods() -> None:
+    snippets = code_blocks(README.read_text(), "python")
+    assert len(snippets) == 2  # the client, and training on the running server
+    for snippet in snippets:
+        compile(snippet, "README.md", "exec")
+        assert "from loraserve_client import" in snippet
+        for method in set(re.findall(r"client\.(\w+)\(", snippet)):
+            assert callable(getattr(Client, method, None)), method
