@@ -27,7 +27,7 @@ from tests.server.certs import make_pki
 CHAT = {"model": "__base__", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
 
 
-def wait_for(predicate, timeout: float = 60) -> None:
+def wait_for(predicate, timeout: float = 120) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
         assert time.monotonic() < deadline, "timed out"
@@ -39,7 +39,7 @@ def test_503_and_not_serving_until_the_model_is_loaded(toy, monkeypatch) -> None
     real_load = model_loader.load_base_model
 
     def slow_load(*args, **kwargs):
-        gate.wait(60)
+        gate.wait(300)  # set by the test (or its finally): the load must wait for the checks below
         return real_load(*args, **kwargs)
 
     monkeypatch.setattr(model_loader, "load_base_model", slow_load)
@@ -50,23 +50,23 @@ def test_503_and_not_serving_until_the_model_is_loaded(toy, monkeypatch) -> None
     loop = asyncio.new_event_loop()
     server = app_module.LoraServer(config)
     threading.Thread(target=loop.run_forever, daemon=True).start()
-    grpc_port = asyncio.run_coroutine_threadsafe(server.start(), loop).result(30)
+    grpc_port = asyncio.run_coroutine_threadsafe(server.start(), loop).result(120)
     url = f"http://127.0.0.1:{port}"
     try:
-        health = httpx.get(url + "/health")
+        health = httpx.get(url + "/health", timeout=60)
         assert health.status_code == 503 and health.json() == {"status": "NOT_SERVING"}
-        starting = httpx.post(url + "/v1/chat/completions", json=CHAT)
+        starting = httpx.post(url + "/v1/chat/completions", json=CHAT, timeout=60)
         assert starting.status_code == 503 and "starting" in starting.json()["error"]["message"]
         assert starting.headers["x-should-retry"] == "true"  # the one status worth retrying
-        assert httpx.get(url + "/").status_code == 200  # the page itself is static
+        assert httpx.get(url + "/", timeout=60).status_code == 200  # the page itself is static
         gate.set()
-        wait_for(lambda: httpx.get(url + "/health").status_code == 200)
+        wait_for(lambda: httpx.get(url + "/health", timeout=60).status_code == 200)
         with Client(f"127.0.0.1:{grpc_port}") as client:
             assert client.health() == "SERVING"
         assert httpx.post(url + "/v1/chat/completions", json=CHAT, timeout=60).status_code == 200
     finally:
         gate.set()
-        asyncio.run_coroutine_threadsafe(server.drain(0), loop).result(60)
+        asyncio.run_coroutine_threadsafe(server.drain(0), loop).result(120)
         loop.call_soon_threadsafe(loop.stop)
     with pytest.raises(httpx.ConnectError):
         httpx.get(url + "/health")
@@ -83,26 +83,26 @@ def test_drain_refuses_new_http_calls_and_finishes_those_in_flight(toy, monkeypa
 
     def stream() -> None:
         body = {**CHAT, "model": "a1", "max_tokens": 6, "stream": True}
-        with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=60) as response:
+        with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=120) as response:
             events.extend(line for line in response.iter_lines() if line.startswith("data:"))
 
     reader = threading.Thread(target=stream)
     reader.start()
     try:
-        assert held.entered.wait(30)
-        drained = asyncio.run_coroutine_threadsafe(srv.server.drain(30), srv._loop)
+        assert held.entered.wait(120)
+        drained = asyncio.run_coroutine_threadsafe(srv.server.drain(120), srv._loop)
         wait_for(lambda: srv.server.guard.phase == DRAINING)
-        refused = httpx.post(url + "/v1/chat/completions", json=CHAT)
+        refused = httpx.post(url + "/v1/chat/completions", json=CHAT, timeout=60)
         assert refused.status_code == 503 and "shutting down" in refused.json()["error"]["message"]
-        assert httpx.get(url + "/health").status_code == 503
+        assert httpx.get(url + "/health", timeout=60).status_code == 503
         with Client(srv.target) as client:
             assert client.health() == "NOT_SERVING"
     finally:
         held.release()
-    reader.join(60)
+    reader.join(120)
     assert events[-1] == "data: [DONE]"  # the request in flight finished
     assert json.loads(events[-2].removeprefix("data: "))["choices"][0]["finish_reason"] == "length"
-    drained.result(60)
+    drained.result(120)
     with pytest.raises(httpx.ConnectError):
         httpx.get(url + "/health")
     srv.stop()
