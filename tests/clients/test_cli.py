@@ -83,7 +83,7 @@ def test_errors_are_one_line_and_non_zero(server) -> None:
     run = cli("generate", "--target", server.target, "-a", "nope", "hi")
     assert run.returncode == 1
     assert run.stderr.strip() == "loraserve: NOT_FOUND: adapter 'nope' not found in the adapter store"
-    run = cli("health", "--target", f"127.0.0.1:{free_port()}", "--timeout", "2")
+    run = cli("health", "--target", f"127.0.0.1:{free_port()}", "--timeout", "10")
     assert run.returncode == 1 and run.stderr.count("\n") == 1 and "UNAVAILABLE" in run.stderr
     assert "Traceback" not in run.stderr
 

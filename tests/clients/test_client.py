@@ -120,7 +120,7 @@ def test_each_status_has_its_typed_error(toy, tmp_path, monkeypatch) -> None:
                 client.list_adapters()
             with pytest.raises(DeadlineExceeded):
                 client.generate("hi", "a1", max_new_tokens=200, ignore_eos=True, timeout=0.001)
-            deadline = time.monotonic() + 10
+            deadline = time.monotonic() + 120
             while srv.engine.in_flight and time.monotonic() < deadline:  # the cancelled one leaves the engine
                 time.sleep(0.01)
             # One request in flight for this tenant is its limit: a second one is refused at once.
@@ -144,7 +144,7 @@ def test_each_status_has_its_typed_error(toy, tmp_path, monkeypatch) -> None:
         monkeypatch.setattr(srv.engine.runner, "execute", lambda batch: 1 / 0)
         with pytest.raises(ServerError):
             client.generate("hi")
-    with Client(f"127.0.0.1:{free_port()}", retries=0, timeout=2) as nowhere, pytest.raises(Unavailable):
+    with Client(f"127.0.0.1:{free_port()}", retries=0, timeout=60) as nowhere, pytest.raises(Unavailable):
         nowhere.generate("hi")
 
 

@@ -116,7 +116,7 @@ def test_overload_deadline_and_internal_errors(keyed, url, monkeypatch) -> None:
     runner = threading.Thread(target=lambda: first.append(chat(oai(url, BASIC))))
     runner.start()
     try:
-        assert held.entered.wait(30)
+        assert held.entered.wait(120)
         with pytest.raises(openai.RateLimitError) as overloaded:
             chat(oai(url, BASIC))  # the same tenant, already at its limit of 1
         assert overloaded.value.status_code == 429
@@ -138,7 +138,7 @@ def test_overload_deadline_and_internal_errors(keyed, url, monkeypatch) -> None:
             assert malformed.status_code == 400 and malformed.json()["error"]["param"] == "x-request-timeout"
     finally:
         held.release()
-        runner.join(60)
+        runner.join(120)
     assert first and first[0] is not None
     monkeypatch.setattr(keyed.engine.runner, "execute", lambda batch: 1 / 0)
     with pytest.raises(openai.InternalServerError) as internal:

@@ -102,7 +102,7 @@ def test_tls(toy, pki) -> None:
     ) as srv:
         with Client(srv.target, ca_cert=pki["ca.pem"]) as client:
             assert client.generate("hi", max_new_tokens=2).usage.completion_tokens == 2
-        with Client(srv.target, retries=0, timeout=5) as plain, pytest.raises(Unavailable):
+        with Client(srv.target, retries=0, timeout=60) as plain, pytest.raises(Unavailable):
             plain.generate("hi", max_new_tokens=2)
 
 
@@ -119,7 +119,7 @@ def test_mtls_with_the_client_and_the_cli(toy, pki) -> None:
         ) as client:
             assert client.generate("hi", max_new_tokens=2).usage.completion_tokens == 2
         with (
-            Client(srv.target, ca_cert=pki["ca.pem"], retries=0, timeout=5) as anonymous,
+            Client(srv.target, ca_cert=pki["ca.pem"], retries=0, timeout=60) as anonymous,
             pytest.raises(Unavailable),
         ):
             anonymous.generate("hi", max_new_tokens=2)
