@@ -73,7 +73,9 @@ class TrainableLoRA:
         if a is None:
             return y
         b = self.b[name]
-        delta = (x.to(a.dtype) @ a.t()) @ b.t()  # [..., out], in the weights' dtype (float32)
+        # The float32 weights are cast to the activations' dtype (gradients still reach them):
+        # casting x instead would keep a float32 copy of every input alive for the backward pass.
+        delta = (x @ a.to(x.dtype).t()) @ b.to(x.dtype).t()  # [..., out]
         return y + (delta * self.scale).to(y.dtype)
 
     def peft_files(self, base_model: str) -> tuple[dict, dict[str, torch.Tensor]]:

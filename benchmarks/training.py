@@ -82,16 +82,7 @@ class Job:
         self.changed = threading.Condition()
 
         def make_run(spec: TrainingSpec) -> TrainingRun:
-            loaded = engine.loaded
-            return TrainingRun(
-                spec,
-                loaded.model,
-                loaded.tokenizer,
-                engine.slots.shapes,
-                loaded.device,
-                engine.eos_ids,
-                micro_batch_tokens,
-            )
+            return TrainingRun.on_engine(spec, engine, micro_batch_tokens)
 
         self.worker = TrainingWorker(make_run, store, engine.loaded.name, self._report, max_seconds=1e9)
         engine.attach_side_work(self.worker, share)

@@ -76,7 +76,7 @@ def make_deployment(config: ServerConfig, replicas: int, num_cpus: float, num_gp
             self.metrics = Metrics(cfg.metrics_max_adapter_labels)
             self.metrics_port = self._serve_metrics()
             self.engine = Engine.spawn(engine_parts(cfg), self.metrics, cfg.warmup).result()
-            self.services = Services.build(cfg, self.engine, self.metrics)
+            self.services = Services.build(cfg, self.engine, self.metrics, training=False)
             self.inference, self.admin, _ = grpc_services(self.services)
             keyring = KeyRing.from_file(cfg.api_keys_file) if cfg.api_keys_file else None
             self.guard = Guard(keyring, self.metrics, phase=SERVING)

@@ -26,13 +26,15 @@ class Services:
     training: TrainingManager
 
     @classmethod
-    def build(cls, config: Any, engine: Any, metrics: Any) -> Services:
+    def build(cls, config: Any, engine: Any, metrics: Any, training: bool = True) -> Services:
+        """`training=False`: the Training service is off (Ray Serve replicas: several processes
+        sharing one store must not share one job table)."""
         limits = Limits.from_config(config, engine.loaded.max_context_length)
         admin = AdapterAdmin(engine)
         return cls(
             GenerationCore(engine.loaded, engine, limits, metrics, config.log_prompts),
             admin,
-            TrainingManager(engine, admin, config, metrics),
+            TrainingManager(engine, admin, config, metrics, enabled=training),
         )
 
 

@@ -5,16 +5,19 @@ under another, and under the same adapter's previous weights. Each full block is
 keyed by a hash chained on its parent's (nano-vllm's scheme), with the chain seeded by what
 the KV depends on besides the tokens:
 
-    seed    = H(version, tenant, "base", model)                                   base model
-    seed    = H(version, tenant, "adapter", id, fingerprint, load generation)      an adapter
+    seed    = H(version, tenant, "base", model, layout)                           base model
+    seed    = H(version, tenant, "adapter", id, fingerprint, load generation, layout)  an adapter
     hash[0] = H(seed, tokens of block 0);  hash[i] = H(hash[i-1], tokens of block i)
 
 `fingerprint` identifies the adapter's files as read (device, inode, size, mtime, ctime of the
 config and the weights) and `load generation` is bumped by the adapter registry on every unload
 and reload, so a block computed under one version of an adapter is unreachable from any other,
-even when the files did not change. The tenant (the authenticated one; empty without API keys)
-keeps tenants from reading each other's prefixes through timing. H is BLAKE2b-128, and a hit
-also compares the block's tokens, so a collision can never serve another prefix's KV.
+even when the files did not change. `layout` counts changes of the base weights' numerics (a
+training job unpacks bitsandbytes' CPU weights, and packs them back when it ends: see
+loraserve.training.run), so KV computed under one layout is never reused under the other. The
+tenant (the authenticated one; empty without API keys) keeps tenants from reading each other's
+prefixes through timing. H is BLAKE2b-128, and a hit also compares the block's tokens, so a
+collision can never serve another prefix's KV.
 
 Life cycle (the blocks themselves: loraserve.engine.kv_cache.BlockManager): a new sequence
 takes the cached blocks of its longest cached prefix (references counted) and its prefill
@@ -42,18 +45,18 @@ def _digest(data: bytes) -> bytes:
     return hashlib.blake2b(data, digest_size=HASH_BYTES).digest()
 
 
-def base_seed(model: str, tenant: str) -> bytes:
+def base_seed(model: str, tenant: str, layout: int = 0) -> bytes:
     """The chain's seed for the base model (no adapter)."""
-    return _digest(repr((VERSION, tenant, "base", model)).encode())
+    return _digest(repr((VERSION, tenant, "base", model, layout)).encode())
 
 
-def adapter_seed(adapter: Any, tenant: str) -> bytes | None:
+def adapter_seed(adapter: Any, tenant: str, layout: int = 0) -> bytes | None:
     """The chain's seed for one version of an adapter (an AdapterEntry); None before it is read."""
     fingerprint = adapter.fingerprint
     if fingerprint is None:
         return None
     version = (fingerprint.config, fingerprint.weights, adapter.load_generation)
-    return _digest(repr((VERSION, tenant, "adapter", adapter.adapter_id, version)).encode())
+    return _digest(repr((VERSION, tenant, "adapter", adapter.adapter_id, version, layout)).encode())
 
 
 def chain(parent: bytes, tokens: list[int] | tuple[int, ...]) -> bytes:
@@ -73,6 +76,12 @@ class PrefixCache:
         self.metrics = metrics
         self._retired: queue.SimpleQueue[str] = queue.SimpleQueue()  # filled from any thread
         self._reported_evictions = 0
+        self.layout = 0  # bumped when the base weights' numerics change (see the module docstring)
+
+    def new_layout(self) -> None:
+        """The base weights now compute differently: no block computed before is reused (the old
+        ones age out of the evictable cache). Engine thread."""
+        self.layout += 1
 
     # ------------------------------------------------------------------ admission
     def match(self, seq: Sequence) -> list[int]:
@@ -150,9 +159,9 @@ class PrefixCache:
             return False
         if seq.cache_seed is None:
             if seq.adapter is None:
-                seq.cache_seed = base_seed(self.model, seq.request.tenant)
+                seq.cache_seed = base_seed(self.model, seq.request.tenant, self.layout)
             else:
-                seq.cache_seed = adapter_seed(seq.adapter, seq.request.tenant)
+                seq.cache_seed = adapter_seed(seq.adapter, seq.request.tenant, self.layout)
         # A draining adapter version publishes nothing more: its blocks are being dropped.
         return seq.cache_seed is not None and not (seq.adapter is not None and seq.adapter.draining)
 

@@ -8,6 +8,7 @@ lived only in memory, and nothing of them reached the store (it is written only 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -36,7 +37,8 @@ class JobState(StrEnum):
 
 @dataclass
 class JobRecord:
-    """What a client sees of a job (a snapshot is a copy: records change on the engine thread)."""
+    """What a client sees of a job (the manager changes records on the event loop; front ends
+    get copies)."""
 
     job_id: str
     adapter_id: str
@@ -85,9 +87,15 @@ class JobTable:
         try:
             raw = json.loads(self.path.read_text())
             records = [JobRecord.from_json(item) for item in raw.get("jobs", [])]
-        except (OSError, ValueError, TypeError, KeyError) as error:
+        except (OSError, ValueError, TypeError, KeyError, AttributeError) as error:
+            aside = self.path.with_name(f"{self.path.name}.unreadable-{int(time.time())}")
+            with contextlib.suppress(OSError):
+                os.replace(self.path, aside)
             log.error(
-                "training job table %s is unreadable (%s): starting with an empty one", self.path, error
+                "training job table %s is unreadable (%s): moved to %s, starting anew",
+                self.path,
+                error,
+                aside,
             )
             return
         interrupted = 0
@@ -112,14 +120,22 @@ class JobTable:
         self.save()
 
     def save(self) -> None:
+        """Writes the table atomically (temp file, fsync, rename); a failure is logged, never
+        raised: the table is a record of the jobs, not the jobs."""
         if self.path is None:
             return
         data = json.dumps({"jobs": [r.to_json() for r in self.records.values()]}, indent=1)
+        temp = None
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             fd, temp = tempfile.mkstemp(prefix=".jobs-", dir=self.path.parent)
             with os.fdopen(fd, "w") as handle:
                 handle.write(data)
+                handle.flush()
+                os.fsync(handle.fileno())
             os.replace(temp, self.path)
-        except OSError as error:  # the table is a record, not the job: keep training
+        except OSError as error:
             log.error("cannot save the training job table to %s: %s", self.path, error)
+            if temp is not None:
+                with contextlib.suppress(OSError):
+                    os.unlink(temp)

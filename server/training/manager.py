@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -27,8 +28,10 @@ from loraserve.errors import (
     FailedPrecondition,
     InvalidArgument,
     NotFound,
+    PermissionDenied,
     ResourceExhausted,
 )
+from loraserve.ids import tenant_of
 from loraserve.training.jobs import JobRecord, JobState, JobTable, new_job_id
 from loraserve.training.run import TrainingRun, restore_inference_layout
 from loraserve.training.spec import JobRequest, TrainingSpec, prepare
@@ -42,15 +45,18 @@ STATE_FOLDER = ".loraserve-training"  # inside the adapter store: not a valid ad
 class TrainingManager:
     """The Training service's state over one engine."""
 
-    def __init__(self, engine: Any, admin: Any, config: Any, metrics: Any = None) -> None:
+    def __init__(
+        self, engine: Any, admin: Any, config: Any, metrics: Any = None, enabled: bool = True
+    ) -> None:
         self.engine = engine
         self.admin = admin
         self.config = config
         self.metrics = metrics
         self.store: Path | None = Path(config.adapters_dir) if config.adapters_dir is not None else None
-        self.enabled = self.store is not None and config.training_share > 0
+        self.enabled = enabled and self.store is not None and config.training_share > 0
         state_dir = config.training_state_dir or (self.store / STATE_FOLDER if self.store else None)
-        self.table = JobTable(Path(state_dir) / JOBS_FILE if state_dir is not None else None)
+        # A server with training off never reads the table: another one may own it.
+        self.table = JobTable(Path(state_dir) / JOBS_FILE if self.enabled and state_dir is not None else None)
         self.loop: asyncio.AbstractEventLoop | None = None
         self._watchers: dict[str, set[asyncio.Queue]] = {}
         self._tasks: set[asyncio.Task] = set()
@@ -62,7 +68,7 @@ class TrainingManager:
                 engine.loaded.name,
                 self._report,
                 config.training_max_seconds,
-                on_idle=lambda: restore_inference_layout(engine.loaded.model),
+                on_idle=self._restore_layout,
             )
             engine.attach_side_work(self.worker, config.training_share)
         self._count_states()
@@ -72,26 +78,27 @@ class TrainingManager:
         self._check_enabled()
         principal.check_train(request.adapter_id)
         self.loop = asyncio.get_running_loop()
+        tenant = tenant_of(principal.tenant, request.adapter_id)
         self._check_free(request.adapter_id, request.overwrite)
-        self._check_quota(principal.tenant)
+        self._check_quota(tenant)
         loaded = self.engine.loaded
         spec = await asyncio.to_thread(
             prepare,
             request,
-            principal.tenant,
+            tenant,
             loaded.tokenizer,
             list(self.engine.slots.layers),
             self.engine.config.max_lora_rank,
-            loaded.max_context_length,
+            min(loaded.max_context_length, self.config.training_micro_batch_tokens),
             self.config.training_max_data_bytes,
         )
         # Checked again: the loop ran other calls while the data was being tokenized.
         self._check_free(request.adapter_id, request.overwrite)
-        self._check_quota(principal.tenant)
+        self._check_quota(tenant)
         record = JobRecord(
             new_job_id(),
             request.adapter_id,
-            principal.tenant,
+            tenant,
             total_steps=spec.options.steps,
             eval_examples=len(spec.evals),
             train_examples=len(spec.train),
@@ -119,12 +126,14 @@ class TrainingManager:
         for record in reversed(self.table.records.values()):
             try:
                 principal.check_adapter(record.adapter_id)
-            except Exception:  # noqa: BLE001 - not the caller's to see
+            except PermissionDenied:  # not the caller's to see
                 continue
             rows.append(record.copy())
         return rows
 
     def cancel(self, job_id: str, principal: Principal) -> JobRecord:
+        """A queued job is CANCELLED at once; a running one at its next slice (the record returned
+        is still RUNNING: watch it), unless it has finished training and is being written."""
         record = self._visible(job_id, principal)
         principal.check_train(record.adapter_id)
         if record.state.done:
@@ -136,14 +145,12 @@ class TrainingManager:
     async def watch(self, job_id: str, principal: Principal) -> AsyncIterator[JobRecord]:
         """The job now, then a snapshot at each change, until it ends."""
         record = self._visible(job_id, principal)
-        queue: asyncio.Queue = asyncio.Queue()
+        queue: asyncio.Queue = asyncio.Queue(maxsize=1)  # the latest snapshot only: see _publish
         self._watchers.setdefault(job_id, set()).add(queue)
         try:
             yield record.copy()
             while not record.state.done:
                 snapshot = await queue.get()
-                while not queue.empty():  # a slow reader gets the latest, not every step
-                    snapshot = queue.get_nowait()
                 yield snapshot
                 if snapshot.state.done:
                     break
@@ -156,6 +163,8 @@ class TrainingManager:
 
     # ------------------------------------------------------------------ checks
     def _check_enabled(self) -> None:
+        if self.worker is None and self.store is not None and self.config.training_share > 0:
+            raise FailedPrecondition("this server does not train (Ray Serve replicas do not)")
         if self.store is None:
             raise FailedPrecondition(
                 "training needs an adapter store to write into: start the server with --adapters-dir"
@@ -179,13 +188,19 @@ class TrainingManager:
         for record in self._active():
             if record.adapter_id == adapter_id:
                 raise AlreadyExists(f"adapter {adapter_id!r} is already being trained by job {record.job_id}")
-        if (
-            not overwrite
-            and self.engine.adapters.store is not None
-            and self.engine.adapters.store.exists(adapter_id)
-        ):
+        target = self.store / adapter_id
+        if not overwrite and os.path.lexists(target):
             raise AlreadyExists(
                 f"adapter {adapter_id!r} already exists in the store (set overwrite to replace it)"
+            )
+        parent = target.parent
+        while not parent.exists() and parent != self.store:
+            parent = parent.parent  # an org folder the job will create
+        if not parent.resolve().is_relative_to(self.store.resolve()) or not os.access(
+            parent, os.W_OK | os.X_OK
+        ):
+            raise FailedPrecondition(
+                f"the server cannot write adapter {adapter_id!r} into its store ({parent})"
             )
 
     def _check_quota(self, tenant: str) -> None:
@@ -203,16 +218,16 @@ class TrainingManager:
 
     # ------------------------------------------------------------------ engine events
     def _make_run(self, spec: TrainingSpec) -> TrainingRun:
-        engine = self.engine
-        return TrainingRun(
-            spec,
-            engine.loaded.model,
-            engine.loaded.tokenizer,
-            engine.slots.shapes,
-            engine.loaded.device,
-            engine.eos_ids,
-            self.config.training_micro_batch_tokens,
-        )
+        """Engine thread: a job's compute; the base's layout may change (see TrainingRun)."""
+        run = TrainingRun.on_engine(spec, self.engine, self.config.training_micro_batch_tokens)
+        if run.layout_changed:
+            self.engine.prefix_cache.new_layout()
+        return run
+
+    def _restore_layout(self) -> None:
+        """Engine thread, once no job is left: serving's own weight layout back."""
+        if restore_inference_layout(self.engine.loaded.model):
+            self.engine.prefix_cache.new_layout()
 
     def _report(self, job_id: str, event: Event) -> None:
         """From the engine's thread: applied on the event loop, in order."""
@@ -259,26 +274,27 @@ class TrainingManager:
                 self.metrics.training_tokens.inc(event.tokens)
 
     async def _register(self, record: JobRecord, event: Event) -> None:
-        """Serves the written adapter (a reload if it replaced one), then the job is done."""
+        """Serves the written adapter (a reload if it replaced one), then the job is done. The
+        adapter is in the store whatever happens here: if no device slot can take it now (all
+        pinned or busy), the job still succeeds and the first request loads it."""
         try:
             await self.admin.load(record.adapter_id)
-        except Exception as error:
-            log.exception("training job %s: loading the trained adapter failed", record.job_id)
-            self._finish(
-                record,
-                JobState.FAILED,
-                f"the adapter was written to the store but could not be loaded: {error}",
-            )
-        else:
-            log.info(
-                "training job %s succeeded: adapter %s written in %.1f s and served (held-out exact "
-                "match %s)",
+        except Exception as error:  # noqa: BLE001 - logged; the store has the adapter
+            log.warning(
+                "training job %s: adapter %s is written but not loaded now (%s): the first request "
+                "for it loads it",
                 record.job_id,
                 record.adapter_id,
-                event.seconds,
-                "n/a" if record.eval_exact_match is None else f"{record.eval_exact_match:.0%}",
+                error,
             )
-            self._finish(record, JobState.SUCCEEDED, "")
+        log.info(
+            "training job %s succeeded: adapter %s written in %.1f s (held-out exact match %s)",
+            record.job_id,
+            record.adapter_id,
+            event.seconds,
+            "n/a" if record.eval_exact_match is None else f"{record.eval_exact_match:.0%}",
+        )
+        self._finish(record, JobState.SUCCEEDED, "")
 
     def _finish(self, record: JobRecord, state: JobState, error: str) -> None:
         record.state, record.error, record.finished = state, error, time.time()
@@ -289,8 +305,12 @@ class TrainingManager:
         self._publish(record)
 
     def _publish(self, record: JobRecord) -> None:
+        """Hands each watcher the latest snapshot; one that has not read the previous one gets
+        this one instead (a slow reader skips steps, it never piles them up)."""
         snapshot = record.copy()
         for queue in self._watchers.get(record.job_id, ()):
+            if queue.full():
+                queue.get_nowait()
             queue.put_nowait(snapshot)
 
     def _count_states(self) -> None:

@@ -16,6 +16,7 @@ When both are done, `write` puts the adapter into the store atomically.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
@@ -58,15 +59,16 @@ def _linear4bit() -> type | None:
 
 def make_base_trainable(model: torch.nn.Module) -> int:
     """Freezes the base and turns off bitsandbytes' packed CPU weights; returns how many layers
-    were unpacked.
+    changed layout (0: serving numerics are untouched).
 
     On CPUs with AVX512-BF16, bitsandbytes repacks a 4-bit layer's weight on its first
     inference call into a layout (bf16 block scales) whose kernel has no backward pass:
     gradients through those layers would be silently wrong (seen: a job learning at a third of
-    PEFT's pace). Training therefore unpacks them; `restore_inference_layout` lets the next
-    serving step pack them again once no job is left (the packed kernel served the bench model
-    2.7x faster on such a CPU). The round trip keeps the bf16-rounded scales, so packing again
-    gives the same weights.
+    PEFT's pace). Training therefore unpacks them, keeping the packed weight and its state
+    aside: `restore_inference_layout` puts those very objects back once no job is left (the
+    packed kernel served the bench model 2.7x faster on such a CPU), so serving after a job is
+    bit for bit what it was before. While a job trains, serving uses the unpacked weights:
+    outputs may differ slightly from the packed kernel's then.
     """
     model.requires_grad_(False)  # only the job's A and B get gradients
     linear4bit = _linear4bit()
@@ -74,35 +76,64 @@ def make_base_trainable(model: torch.nn.Module) -> int:
         return 0
     from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
 
-    unpacked = 0
+    changed = 0
     for module in model.modules():
-        if not isinstance(module, linear4bit):
-            continue
-        if not hasattr(module, "_loraserve_packs"):
-            module._loraserve_packs = getattr(module, "support_avx512bf16_for_cpu", False)
+        if not isinstance(module, linear4bit) or hasattr(module, "_loraserve_packs"):
+            continue  # not 4-bit, or already made trainable by an earlier job
+        module._loraserve_packs = getattr(module, "support_avx512bf16_for_cpu", False)
         module.support_avx512bf16_for_cpu = False
         state = module.weight.quant_state
         if state is not None and getattr(state, "packing_format_for_cpu", False):
+            module._loraserve_packed = (module.weight.data, state)
+            # The inverse rewrites the state it is given: it gets a copy, the original is kept.
             module.weight.data, module.weight.quant_state = _convert_weight_packed_for_cpu_inverse(
-                module.weight.data, state
+                module.weight.data, copy.copy(state)
             )
-            unpacked += 1
-    if unpacked:
+            changed += 1
+    if changed:
         log.info(
-            "training: %d 4-bit layers unpacked from the CPU inference layout (it has no backward)", unpacked
+            "training: %d 4-bit layers unpacked from the CPU inference layout (it has no backward)", changed
         )
-    return unpacked
+    return changed
 
 
-def restore_inference_layout(model: torch.nn.Module) -> None:
-    """Lets bitsandbytes pack its CPU weights again (at the next inference call) where it did
-    before `make_base_trainable`."""
+def restore_inference_layout(model: torch.nn.Module) -> int:
+    """Undoes `make_base_trainable`'s unpacking: the packed weights and states it kept go back,
+    and bitsandbytes may pack again where it did before; returns how many layers changed."""
     linear4bit = _linear4bit()
     if linear4bit is None:
-        return
+        return 0
+    changed = 0
     for module in model.modules():
-        if isinstance(module, linear4bit) and hasattr(module, "_loraserve_packs"):
-            module.support_avx512bf16_for_cpu = module._loraserve_packs
+        if not isinstance(module, linear4bit) or not hasattr(module, "_loraserve_packs"):
+            continue
+        packed = getattr(module, "_loraserve_packed", None)
+        if packed is not None:
+            module.weight.data, module.weight.quant_state = packed
+            del module._loraserve_packed
+            changed += 1
+        module.support_avx512bf16_for_cpu = module._loraserve_packs
+        del module._loraserve_packs
+    return changed
+
+
+def swap_into_place(staging: Path, target: Path) -> None:
+    """Moves the folder `staging` to `target`, replacing any folder there: if the move fails,
+    the old folder is put back, so a failed write never loses the adapter it was replacing.
+    (Between the two renames the id is briefly absent; a request then gets NOT_FOUND.)"""
+    retired = None
+    if target.exists():
+        retired = Path(tempfile.mkdtemp(prefix=".retired-", dir=target.parent))
+        os.rename(target, retired / "old")
+    try:
+        os.rename(staging, target)
+    except BaseException:
+        if retired is not None:
+            os.rename(retired / "old", target)
+        raise
+    finally:
+        if retired is not None:
+            shutil.rmtree(retired, ignore_errors=True)
 
 
 class TrainingFailed(Exception):
@@ -139,9 +170,8 @@ class TrainingRun:
         self.eos_ids = eos_ids
         self.micro_batch_tokens = micro_batch_tokens
         self.parts = decoder_parts(model)
-        make_base_trainable(model)
+        self.layout_changed = make_base_trainable(model) > 0
         options = spec.options
-        torch.manual_seed(options.seed)
         self.lora = TrainableLoRA(
             {name: shapes[name] for name in spec.modules}, options.rank, options.alpha, device, options.seed
         )
@@ -162,6 +192,20 @@ class TrainingRun:
         self._hits = 0
         self.samples: list[dict[str, str]] = []
         self.eval_exact_match: float | None = None
+
+    @classmethod
+    def on_engine(cls, spec: TrainingSpec, engine: Any, micro_batch_tokens: int) -> TrainingRun:
+        """A run on an engine's model (its served layers and adapter-slot shapes)."""
+        loaded = engine.loaded
+        return cls(
+            spec,
+            loaded.model,
+            loaded.tokenizer,
+            engine.slots.shapes,
+            loaded.device,
+            engine.eos_ids,
+            micro_batch_tokens,
+        )
 
     # ------------------------------------------------------------------ forward
     def _hidden(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -256,7 +300,7 @@ class TrainingRun:
     @torch.no_grad()
     def _eval_slice(self) -> None:
         prompt, expected = self.spec.evals[self._eval_index]
-        ids = torch.tensor([prompt + self._eval_tokens], device=self.device)
+        ids = torch.tensor([prompt + self._eval_tokens], dtype=torch.long, device=self.device)
         hidden = self._hidden(ids, torch.ones_like(ids))
         _, _, _, norm, head = self.parts
         token = int(head(norm(hidden[0, -1:])).float().argmax(-1))
@@ -285,24 +329,17 @@ class TrainingRun:
         config, tensors = self.lora.peft_files(base_model)
         target.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=".training-", dir=target.parent))
-        retired = None
         try:
             from safetensors.torch import save_file
 
             (staging / "adapter_config.json").write_text(json.dumps(config, indent=2))
             save_file(tensors, str(staging / "adapter_model.safetensors"), metadata={"format": "pt"})
-            (staging / METADATA_FILE).write_text(
-                json.dumps(self.metadata(base_model, seconds), indent=2, ensure_ascii=False)
-            )
+            metadata = json.dumps(self.metadata(base_model, seconds), indent=2, ensure_ascii=False)
+            (staging / METADATA_FILE).write_text(metadata)
             publish_permissions(staging)
-            if target.exists():  # swap, so the id is never missing from the store
-                retired = Path(tempfile.mkdtemp(prefix=".retired-", dir=target.parent)) / "old"
-                os.rename(target, retired)
-            os.rename(staging, target)
+            swap_into_place(staging, target)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
-            if retired is not None:
-                shutil.rmtree(retired.parent, ignore_errors=True)
         return target
 
     def metadata(self, base_model: str, seconds: float) -> dict:

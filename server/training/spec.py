@@ -104,7 +104,8 @@ def _in_range(name: str, value: float, low: float, high: float) -> None:
 
 
 def resolve_options(request: JobRequest, max_rank: int, max_context: int) -> JobOptions:
-    """Defaults filled in and every option checked against its range."""
+    """Defaults filled in and every option checked against its range. `max_context`: the
+    longest example the server takes (the model's context, and at most one training slice)."""
     rank = request.rank or DEFAULTS.rank
     alpha = request.alpha or DEFAULTS.alpha
     learning_rate = request.learning_rate or DEFAULTS.lr
@@ -140,7 +141,8 @@ def prepare(
     max_context: int,
     max_data_bytes: int,
 ) -> TrainingSpec:
-    """The checked, tokenized job (CPU work: call it off the event loop)."""
+    """The checked, tokenized job (CPU work: call it off the event loop). `max_context`: the
+    longest example, the model's context or one training slice's tokens, whichever is less."""
     size = len(request.training_data) + len(request.eval_data)
     if size > max_data_bytes:
         raise InvalidArgument(
@@ -168,9 +170,12 @@ def prepare(
         steps = max(1, math.ceil(DEFAULTS.epochs * len(encoded) / batch))
         options = JobOptions(**{**options.__dict__, "steps": min(steps, MAX_STEPS)})
     evals = []
+    source = "eval_data" if request.eval_data.strip() else "training_data"
     for example in eval_set:
         ids, expected = eval_prompt(tokenizer, example)
-        evals.append((ids[-max_context // 2 :], expected))
+        if not ids:
+            raise InvalidArgument(f"{source}:{example.line}: the prompt is empty, nothing to evaluate from")
+        evals.append((ids[-options.max_length :], expected))
     digest = hashlib.sha256(request.training_data + b"\0" + request.eval_data).hexdigest()
     return TrainingSpec(
         adapter_id=request.adapter_id,

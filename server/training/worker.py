@@ -100,10 +100,7 @@ class TrainingWorker:
         if current is None:
             self._start_next()
             return
-        with self._lock:
-            cancelled = current.job_id in self._cancelled
-            self._cancelled.discard(current.job_id)
-        if cancelled:
+        if self._take_cancel(current.job_id):
             self._end(Event("cancelled"))
             return
         if time.monotonic() - current.started > self.max_seconds:
@@ -120,6 +117,9 @@ class TrainingWorker:
         try:
             progress = current.run.run_slice()
             if current.run.done:
+                if self._take_cancel(current.job_id):  # cancelled during its last slice: not written
+                    self._end(Event("cancelled"))
+                    return
                 seconds = time.monotonic() - current.started
                 adapter_dir = current.run.write(self.store, self.base_model, seconds)
                 self._end(Event("written", progress=progress, adapter_dir=adapter_dir, seconds=seconds))
@@ -152,6 +152,12 @@ class TrainingWorker:
             ),
         )
 
+    def _take_cancel(self, job_id: str) -> bool:
+        with self._lock:
+            cancelled = job_id in self._cancelled
+            self._cancelled.discard(job_id)
+        return cancelled
+
     def _start_next(self) -> None:
         with self._lock:
             if not self._queue:
@@ -165,6 +171,7 @@ class TrainingWorker:
             self.report(
                 job_id, Event("failed", error=f"could not start training ({type(error).__name__}: {error})")
             )
+            self._idle_check()
             return
         self._current = _Running(job_id, spec, run)
         self.report(job_id, Event("started"))
@@ -174,7 +181,13 @@ class TrainingWorker:
         if current is None:
             return
         current.run.optimizer.zero_grad(set_to_none=True)
+        with self._lock:
+            self._cancelled.discard(current.job_id)
         self.report(current.job_id, event)
+        self._idle_check()
+
+    def _idle_check(self) -> None:
+        """After a job: when none is queued, `on_idle` (serving's weight layout back)."""
         with self._lock:
             idle = not self._queue
         if idle and self.on_idle is not None:

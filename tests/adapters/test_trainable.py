@@ -98,19 +98,26 @@ def test_micro_batches_accumulate_to_the_whole_batch(toy) -> None:
         torch.testing.assert_close(split.lora.a[name], whole.lora.a[name], rtol=1e-4, atol=1e-6)
 
 
-def test_no_packed_cpu_weights_are_left_for_training(toy) -> None:
+def test_training_unpacks_cpu_weights_and_serving_gets_them_back_bit_for_bit(toy) -> None:
     from bitsandbytes.nn import Linear4bit
 
-    run = served_run(toy, steps=1)
-    layers = [m for m in run.parts[2].modules() if isinstance(m, Linear4bit)]
-    assert layers
-    for layer in layers:
+    loaded = served_base(toy)
+    ids = torch.tensor([[1, 5, 9, 13, 40]])
+    layers = [m for m in loaded.model.modules() if isinstance(m, Linear4bit)]
+    flags = [layer.support_avx512bf16_for_cpu for layer in layers]
+    with torch.inference_mode():
+        before = loaded.model(ids).logits
+    make_base_trainable(loaded.model)
+    for layer in layers:  # nothing left in the layout that has no backward pass
         assert not getattr(layer.weight.quant_state, "packing_format_for_cpu", False)
         assert layer.support_avx512bf16_for_cpu is False
-    restore_inference_layout(run.parts[2])  # once no job is left, serving may pack them again
-    assert [layer.support_avx512bf16_for_cpu for layer in layers] == [
-        layer._loraserve_packs for layer in layers
-    ]
+    restore_inference_layout(loaded.model)
+    make_base_trainable(loaded.model)  # a second job
+    restore_inference_layout(loaded.model)
+    assert [layer.support_avx512bf16_for_cpu for layer in layers] == flags
+    with torch.inference_mode():
+        after = loaded.model(ids).logits
+    assert torch.equal(before, after)  # serving after a job is what it was before
 
 
 def test_select_modules() -> None:

@@ -101,6 +101,8 @@ def test_seeds_separate_base_adapters_versions_and_tenants(toy) -> None:
         adapter_seed(entry("a", 2, 0), ""),  # reloaded: other files
         adapter_seed(entry("a", 1, 1), ""),  # unloaded and loaded again: same files, next generation
         adapter_seed(entry("b", 1, 0), ""),
+        base_seed("m", "", layout=1),  # the base weights' numerics changed (a training job)
+        adapter_seed(entry("a", 1, 0), "", layout=1),
     ]
     assert len(set(seeds)) == len(seeds)
     assert adapter_seed(AdapterEntry("a"), "") is None  # not read yet: not cacheable

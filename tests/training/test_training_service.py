@@ -22,6 +22,7 @@ from loraserve_client import (
     AsyncClient,
     Client,
     InvalidRequest,
+    Overloaded,
     PermissionDenied,
 )
 from tests.helpers import ServerThread
@@ -186,35 +187,35 @@ def test_bad_requests_are_refused_at_once(server, data, options, message) -> Non
         assert not any(job.adapter_id == "never" for job in client.list_training_jobs())
 
 
-def test_data_over_the_size_limit_is_refused(store_copy) -> None:
+def test_data_size_and_queue_limits(store_copy) -> None:
     with (
         ServerThread(
             model=str(store_copy.base),
             adapters_dir=store_copy.store,
             kv_cache_bytes=2 << 20,
-            training_max_data_bytes=100,
+            training_max_data_bytes=len(DATA) + 10,
+            training_max_queued_jobs=1,
         ) as srv,
         Client(srv.target) as client,
-        pytest.raises(InvalidRequest, match="over the server's limit of 100"),
     ):
-        client.create_training_job("big", DATA)
+        with pytest.raises(InvalidRequest, match=f"over the server's limit of {len(DATA) + 10}"):
+            client.create_training_job("big", DATA + DATA)
+        job = client.create_training_job("first", DATA, **LONG)
+        with pytest.raises(Overloaded, match="the training queue is full"):
+            client.create_training_job("second", DATA, **LONG)
+        client.cancel_training_job(job.job_id)
+        wait_for(client, job.job_id, lambda j: j.done)
 
 
-def test_duplicate_ids_and_quotas(trainer) -> None:
+def test_duplicate_ids_and_overwrite(trainer) -> None:
     with Client(trainer.target) as client:
         with pytest.raises(AlreadyExists, match="already exists in the store"):
             client.create_training_job("a1", DATA)
         job = client.create_training_job("busy", DATA, **LONG)
         with pytest.raises(AlreadyExists, match=f"already being trained by job {job.job_id}"):
             client.create_training_job("busy", DATA, **LONG, overwrite=True)
-        second = client.create_training_job("busy2", DATA, **LONG)
-        from loraserve_client import Overloaded
-
-        with pytest.raises(Overloaded, match="--training-max-jobs-per-tenant"):
-            client.create_training_job("busy3", DATA, **LONG)
-        for j in (job, second):
-            client.cancel_training_job(j.job_id)
-            wait_for(client, j.job_id, lambda x: x.done)
+        client.cancel_training_job(job.job_id)
+        wait_for(client, job.job_id, lambda x: x.done)
         # overwrite replaces an adapter in the store, and the new weights are served
         before = client.generate("color red ->", "a1", max_new_tokens=6, ignore_eos=True).token_ids
         done = wait_for(
@@ -251,6 +252,10 @@ def test_rights(store_copy, tmp_path) -> None:
             with pytest.raises(PermissionDenied, match="may not use adapter 'other/bot'"):
                 client.create_training_job("other/bot", DATA)
             job = client.create_training_job("acme/bot", DATA, **LONG)
+            queued = client.create_training_job("acme/bot2", DATA, **LONG)
+            with pytest.raises(Overloaded, match="tenant 'acme' already has 2 training job"):
+                client.create_training_job("acme/bot3", DATA, **LONG)
+            client.cancel_training_job(queued.job_id)
         with Client(srv.target, api_key=TENANT) as client:
             assert client.get_training_job(job.job_id).adapter_id == "acme/bot"  # may see, not cancel
             with pytest.raises(PermissionDenied):
