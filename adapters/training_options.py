@@ -13,8 +13,6 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from loraserve_client.cli import add_train_target_flags
-
 # The defaults of local training (TrainConfig's), applied by check_train_args without --target.
 LOCAL_DEFAULTS = {
     "eval_fraction": 0.1,
@@ -103,7 +101,6 @@ def add_train_flags(parser: argparse.ArgumentParser) -> None:
         help="overwrite an existing adapter folder (with --target: replace the server's adapter "
         "of that id when the job succeeds)",
     )
-    add_train_target_flags(parser)
 
 
 def check_train_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:

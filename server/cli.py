@@ -155,8 +155,10 @@ def build_parser() -> argparse.ArgumentParser:
         "train", help="QLoRA-train one adapter into an adapter store, or on a server (--target)"
     )
     from loraserve.adapters.training_options import add_train_flags, check_train_args
+    from loraserve_client.cli import add_train_target_flags
 
-    add_train_flags(p)
+    add_train_flags(p)  # local training
+    add_train_target_flags(p)  # --target and the client's connection flags
     p.set_defaults(func=cmd_train, check_args=functools.partial(check_train_args, p))
 
     p = commands.add_parser("bench", help="benchmark the engine against its peers")

@@ -1,6 +1,6 @@
 """gRPC method handlers built from the proto's service descriptors, around the shared guard.
 
-Every RPC of `Inference` and `AdapterAdmin` runs inside `_unary` or `_stream`: the guard
+Every RPC of `Inference`, `AdapterAdmin` and `Training` runs inside `_unary` or `_stream`: the guard
 (loraserve.guard) admits the call (phase, API key, admin right) and turns failures into public
 errors; this module does only the gRPC side: request ids in trailing metadata, deadlines from
 the context, undecodable requests (wrong types, invalid UTF-8) as INVALID_ARGUMENT, and status

@@ -92,7 +92,9 @@ class TrainingServicer:
         raise NotImplementedError('Method not implemented!')
 
     def CancelTrainingJob(self, request, context):
-        """Cancels a queued or running job; nothing of it is written to the store.
+        """Cancels a queued job at once, a running one at its next slice (the job returned may still
+        be RUNNING: watch it); nothing of it is written to the store. A job already writing its
+        adapter finishes.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

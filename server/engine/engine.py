@@ -23,7 +23,7 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
@@ -97,6 +97,14 @@ def eos_token_ids(loaded: LoadedModel) -> set[int]:
     if loaded.tokenizer.eos_token_id is not None:
         ids.add(loaded.tokenizer.eos_token_id)
     return ids
+
+
+class SideWork(Protocol):
+    """Work the engine's thread does between serving steps (loraserve.training.worker)."""
+
+    def has_work(self) -> bool: ...
+
+    def run_slice(self) -> None: ...
 
 
 class Engine:
@@ -180,7 +188,7 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._stopping = False
         self.steps = 0
-        self.side_work: Any = None  # training (loraserve.training.worker), sliced between steps
+        self.side_work: SideWork | None = None  # training, sliced between serving steps
         self.timeshare: TimeShare | None = None
 
     @staticmethod
@@ -253,7 +261,7 @@ class Engine:
     def wake(self) -> None:
         self._wake.set()
 
-    def attach_side_work(self, work: Any, share: float) -> None:
+    def attach_side_work(self, work: SideWork, share: float) -> None:
         """Runs `work.run_slice()` on the engine's thread between serving steps, while
         `work.has_work()`, taking at most `share` of the engine's time while it serves
         (loraserve.engine.timeshare) and all of it while it does not."""
