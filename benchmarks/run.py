@@ -639,10 +639,10 @@ def print_summary(report: dict[str, Any]) -> None:
         if "goal" in scenario:
             g = scenario["goal"]
             measured = "n/a" if g["measured"] is None else f"{g['measured']:.2f}x"
-            print(
-                f"  goal: {g['description']}: {measured} (target {g['target']}x) "
-                f"{'MET' if g['met'] else 'NOT MET'}"
-            )
+            verdict = ""
+            if g["target"] is not None:
+                verdict = f" (target {g['target']}x) {'MET' if g['met'] else 'NOT MET'}"
+            print(f"  goal: {g['description']}: {measured}{verdict}")
 
 
 def bench_cli(args: argparse.Namespace) -> int:
