@@ -29,11 +29,14 @@ def select_modules(adapted: list[str], spec: str) -> list[str]:
         return list(adapted)
     leaves = [leaf.strip() for leaf in spec.split(",") if leaf.strip()]
     served = {name.rsplit(".", 1)[-1] for name in adapted}
+    if not leaves:
+        raise InvalidArgument("options.target_modules names no module (give all-linear or module names)")
     unknown = sorted(set(leaves) - served)
     if unknown:
+        named = ", ".join(unknown)
         raise InvalidArgument(
-            f"options.target_modules: {', '.join(unknown)} not adapted by this server "
-            f"(it adapts {', '.join(sorted(served))})"
+            f"options.target_modules: {named[:200]}{'...' if len(named) > 200 else ''} not adapted by this "
+            f"server (it adapts {', '.join(sorted(served))})"
         )
     return [name for name in adapted if name.rsplit(".", 1)[-1] in leaves]
 

@@ -102,7 +102,9 @@ def read_jsonl(path: Path) -> list[Example]:
 def parse_jsonl(text: str, source: str) -> list[Example]:
     """The records of a JSONL text; errors name `source` and the line number."""
     examples = []
-    for number, line in enumerate(text.splitlines(), start=1):
+    # JSONL lines end at "\n" only: str.splitlines would also split inside strings holding
+    # U+2028, U+0085 or a form feed, which JSON allows unescaped.
+    for number, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
         where = f"{source}:{number}"
@@ -110,6 +112,8 @@ def parse_jsonl(text: str, source: str) -> list[Example]:
             record = json.loads(line)
         except json.JSONDecodeError as error:
             raise DataError(f"{where}: not valid JSON ({error.msg})") from None
+        except (RecursionError, ValueError) as error:  # nesting too deep, an integer too long
+            raise DataError(f"{where}: not valid JSON ({type(error).__name__}: {str(error)[:100]})") from None
         if not isinstance(record, dict):
             raise DataError(f"{where}: each line must be a JSON object")
         examples.append(_parse_record(record, where, number))

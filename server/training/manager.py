@@ -19,9 +19,11 @@ import logging
 import os
 import time
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from loraserve.adapters.store import CONFIG_FILE
 from loraserve.auth import Principal
 from loraserve.errors import (
     AlreadyExists,
@@ -39,7 +41,8 @@ from loraserve.training.worker import Event, TrainingWorker
 
 log = logging.getLogger(__name__)
 JOBS_FILE = "jobs.json"
-STATE_FOLDER = ".loraserve-training"  # inside the adapter store: not a valid adapter id
+STATE_FOLDER = ".loraserve-training"
+MAX_JOB_ID_CHARS = 64  # inside the adapter store: not a valid adapter id
 
 
 class TrainingManager:
@@ -60,6 +63,8 @@ class TrainingManager:
         self.loop: asyncio.AbstractEventLoop | None = None
         self._watchers: dict[str, set[asyncio.Queue]] = {}
         self._tasks: set[asyncio.Task] = set()
+        self._preparing: dict[str, str] = {}  # adapter id -> tenant of creates preparing their data
+        self._preparer = ThreadPoolExecutor(1, thread_name_prefix="training-data")
         self.worker: TrainingWorker | None = None
         if self.enabled:
             self.worker = TrainingWorker(
@@ -81,17 +86,25 @@ class TrainingManager:
         tenant = tenant_of(principal.tenant, request.adapter_id)
         self._check_free(request.adapter_id, request.overwrite)
         self._check_quota(tenant)
-        loaded = self.engine.loaded
-        spec = await asyncio.to_thread(
-            prepare,
-            request,
-            tenant,
-            loaded.tokenizer,
-            list(self.engine.slots.layers),
-            self.engine.config.max_lora_rank,
-            min(loaded.max_context_length, self.config.training_micro_batch_tokens),
-            self.config.training_max_data_bytes,
-        )
+        # Counted against the quotas while its data is prepared, so concurrent creates beyond
+        # them are refused before any tokenizing; one thread prepares all jobs' data, so
+        # creates never take the threads that serving's own tokenizing runs on.
+        self._preparing[request.adapter_id] = tenant
+        try:
+            loaded = self.engine.loaded
+            spec = await asyncio.get_running_loop().run_in_executor(
+                self._preparer,
+                prepare,
+                request,
+                tenant,
+                loaded.tokenizer,
+                list(self.engine.slots.layers),
+                self.engine.config.max_lora_rank,
+                min(loaded.max_context_length, self.config.training_micro_batch_tokens),
+                self.config.training_max_data_bytes,
+            )
+        finally:
+            del self._preparing[request.adapter_id]
         # Checked again: the loop ran other calls while the data was being tokenized.
         self._check_free(request.adapter_id, request.overwrite)
         self._check_quota(tenant)
@@ -175,6 +188,8 @@ class TrainingManager:
     def _visible(self, job_id: str, principal: Principal) -> JobRecord:
         if not job_id:
             raise InvalidArgument("job_id is empty")
+        if len(job_id) > MAX_JOB_ID_CHARS:
+            raise InvalidArgument(f"job_id is longer than {MAX_JOB_ID_CHARS} characters")
         record = self.table.records.get(job_id)
         if record is None:
             raise NotFound(f"no training job {job_id!r}")
@@ -185,14 +200,23 @@ class TrainingManager:
         return [r for r in self.table.records.values() if not r.state.done]
 
     def _check_free(self, adapter_id: str, overwrite: bool) -> None:
-        for record in self._active():
-            if record.adapter_id == adapter_id:
-                raise AlreadyExists(f"adapter {adapter_id!r} is already being trained by job {record.job_id}")
+        """The id is not being trained or prepared, names no existing folder (unless `overwrite`,
+        and then only an adapter's), sits in no adapter's folder, and the server can write it."""
+        busy = [r.job_id for r in self._active() if r.adapter_id == adapter_id]
+        if busy or adapter_id in self._preparing:
+            by = f"job {busy[0]}" if busy else "a job being created"
+            raise AlreadyExists(f"adapter {adapter_id!r} is already being trained by {by}")
         target = self.store / adapter_id
-        if not overwrite and os.path.lexists(target):
-            raise AlreadyExists(
-                f"adapter {adapter_id!r} already exists in the store (set overwrite to replace it)"
-            )
+        if os.path.lexists(target):
+            if not (target / CONFIG_FILE).is_file():
+                raise AlreadyExists(f"{adapter_id!r} is a folder of adapters in the store, not an adapter")
+            if not overwrite:
+                raise AlreadyExists(
+                    f"adapter {adapter_id!r} already exists in the store (set overwrite to replace it)"
+                )
+        if "/" in adapter_id and os.path.lexists(target.parent / CONFIG_FILE):
+            org = adapter_id.split("/")[0]
+            raise AlreadyExists(f"{org!r} is an adapter in the store: no adapter can be created inside it")
         parent = target.parent
         while not parent.exists() and parent != self.store:
             parent = parent.parent  # an org folder the job will create
@@ -204,12 +228,13 @@ class TrainingManager:
             )
 
     def _check_quota(self, tenant: str) -> None:
-        active = self._active()
-        if len(active) >= self.config.training_max_queued_jobs:
+        """Queued, running and being-created jobs against the server's and the tenant's limits."""
+        tenants = [r.tenant for r in self._active()] + list(self._preparing.values())
+        if len(tenants) >= self.config.training_max_queued_jobs:
             raise ResourceExhausted(
-                f"the training queue is full ({len(active)} jobs; --training-max-queued-jobs): retry later"
+                f"the training queue is full ({len(tenants)} jobs; --training-max-queued-jobs): retry later"
             )
-        mine = sum(1 for r in active if r.tenant == tenant)
+        mine = tenants.count(tenant)
         if mine >= self.config.training_max_jobs_per_tenant:
             raise ResourceExhausted(
                 f"tenant {tenant or 'anonymous'!r} already has {mine} training job(s) queued or running "

@@ -321,6 +321,10 @@ class TrainingRun:
         """Writes the adapter into the store atomically; a job that may not overwrite refuses an
         adapter that appeared meanwhile."""
         target = store / self.spec.adapter_id
+        if target.exists() and not (target / "adapter_config.json").is_file():
+            raise TrainingFailed(
+                f"{self.spec.adapter_id!r} became a folder of adapters while the job trained"
+            )
         if target.exists() and not self.spec.overwrite:
             raise TrainingFailed(
                 f"adapter {self.spec.adapter_id!r} appeared in the store while the job trained; "

@@ -30,6 +30,7 @@ DEFAULTS = TrainConfig(model="", data=None, adapters_dir=None, adapter_id="")  #
 MAX_STEPS = 100_000
 MAX_BATCH_SIZE = 512
 MAX_ALPHA = 4096.0
+MAX_EVAL_EXAMPLES = 64  # held-out examples evaluated (the first ones of the held-out set)
 
 
 @dataclass(frozen=True)
@@ -98,6 +99,21 @@ def _examples(data: bytes, name: str) -> list[Example]:
         raise InvalidArgument(str(error)) from None
 
 
+def _tokenized(function: Any, tokenizer: Any, example: Example, source: str) -> Any:
+    """`function(tokenizer, example)`, its failures (a chat template refusing the turns, text the
+    tokenizer cannot take such as lone surrogates) refused naming the line."""
+    try:
+        return function(tokenizer, example)
+    except (ValueError, TypeError, KeyError, IndexError) as error:
+        raise InvalidArgument(
+            f"{source}:{example.line}: cannot be tokenized ({type(error).__name__}: {str(error)[:200]})"
+        ) from None
+
+
+def _encoded(tokenizer: Any, example: Example, max_length: int, source: str) -> tuple[list[int], list[int]]:
+    return _tokenized(lambda t, e: encode(t, e, max_length), tokenizer, example, source)
+
+
 def _in_range(name: str, value: float, low: float, high: float) -> None:
     if not math.isfinite(value) or not low <= value <= high:
         raise InvalidArgument(f"options.{name} must be in [{low:g}, {high:g}], got {value:g}")
@@ -158,7 +174,12 @@ def prepare(
         train_set, eval_set = examples, _examples(request.eval_data, "eval_data")
     else:
         train_set, eval_set = split(examples, options.eval_fraction, options.seed)
-    encoded = [encode(tokenizer, e, options.max_length) for e in train_set]
+    if len(eval_set) > MAX_EVAL_EXAMPLES:  # each costs up to 48 uncached forward passes
+        if not request.eval_data.strip():  # a held-out split: the rest of it trains
+            train_set = train_set + eval_set[MAX_EVAL_EXAMPLES:]
+        eval_set = eval_set[:MAX_EVAL_EXAMPLES]
+    source = "eval_data" if request.eval_data.strip() else "training_data"
+    encoded = [_encoded(tokenizer, e, options.max_length, "training_data") for e in train_set]
     encoded = [pair for pair in encoded if any(label != IGNORE for label in pair[1])]
     if not encoded:
         raise InvalidArgument(
@@ -170,9 +191,8 @@ def prepare(
         steps = max(1, math.ceil(DEFAULTS.epochs * len(encoded) / batch))
         options = JobOptions(**{**options.__dict__, "steps": min(steps, MAX_STEPS)})
     evals = []
-    source = "eval_data" if request.eval_data.strip() else "training_data"
     for example in eval_set:
-        ids, expected = eval_prompt(tokenizer, example)
+        ids, expected = _tokenized(eval_prompt, tokenizer, example, source)
         if not ids:
             raise InvalidArgument(f"{source}:{example.line}: the prompt is empty, nothing to evaluate from")
         evals.append((ids[-options.max_length :], expected))
