@@ -48,7 +48,7 @@ def ray_target(toy):
     # Replicas come up after the proxy, which answers UNAVAILABLE until then: wait for them
     # (longer than the client's own retries, which gRPC bounds at 4).
     with Client(target, ray_serve=True, retries=4, backoff=0.5, max_backoff=2) as client:
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + 300
         while True:
             try:
                 client.generate("hello", max_new_tokens=1)
@@ -59,7 +59,7 @@ def ray_target(toy):
                 time.sleep(1)
     yield target
     ray_app.stop()
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + 120
     while ray_processes() and time.monotonic() < deadline:
         time.sleep(0.5)
     assert not ray_processes(), ray_processes()  # tear-down leaves no Ray processes behind
