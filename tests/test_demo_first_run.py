@@ -14,6 +14,7 @@ from contextlib import contextmanager
 
 import pytest
 
+from loraserve.demo.background import DemoTraining
 from loraserve.demo.options import default_cache_dir
 from loraserve.demo.status import READY, read_status
 from loraserve.demo.tenants import TENANT_IDS, tenants_build
@@ -47,22 +48,38 @@ def fresh_cache(tmp_path, monkeypatch):
     return cache
 
 
-def test_first_run_serves_at_once_and_hot_loads_each_adapter_when_trained(fresh_cache) -> None:
+def test_first_run_serves_at_once_and_hot_loads_each_adapter_when_trained(
+    fresh_cache, tmp_path, monkeypatch
+) -> None:
+    # The trainer child starts only once the test opens this gate, so that the adapters cannot
+    # be ready before the test has asked for one, however fast the child or slow the test.
+    gate = tmp_path / "start-training"
+    real_start = DemoTraining.start
+
+    def gated_start(self: DemoTraining) -> None:
+        wait = 'while [ ! -e "$0" ]; do sleep 0.1; done; exec "$@"'
+        # exec: the waiting shell becomes the trainer (training.process is the trainer's own); a
+        # gate never opened (a failed check above) leaves it to the server's stop, which ends it.
+        self.command = ["sh", "-c", wait, str(gate), *self.command]
+        real_start(self)
+
+    monkeypatch.setattr(DemoTraining, "start", gated_start)
     build = tenants_build(fresh_cache)
     with serving(model=None) as server:
         training = server.server.demo_training
         assert training is not None and training.missing == list(TENANT_IDS)
         with Client(server.target, retries=0) as client:
             assert client.model_info().model == "SmolLM2-135M-Instruct.Q4_1"
-            # The base model answers while the adapters train.
-            answer = client.chat([("user", "What is the capital of France?")], max_new_tokens=24)
-            assert "Paris" in answer.text
-            # The last adapter cannot be ready yet: the first has not even finished.
+            # The last adapter cannot be ready yet: the trainer has not even started.
             with pytest.raises(Unavailable) as pending:
                 client.chat([("user", "How do I load an adapter?")], "support-bot", max_new_tokens=8)
             message = pending.value.details
             assert "adapter 'support-bot' is still training" in message and "ready in" in message
             assert pending.value.code == "UNAVAILABLE"
+            gate.touch()
+            # The base model answers while the adapters train.
+            answer = client.chat([("user", "What is the capital of France?")], max_new_tokens=24)
+            assert "Paris" in answer.text
             # Each adapter is loaded onto the device by the server as soon as the child wrote it.
             deadline = time.monotonic() + 1200
             while len(training.loaded) < len(TENANT_IDS) and time.monotonic() < deadline:
