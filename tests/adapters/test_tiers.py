@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import threading
 
 import pytest
 
@@ -67,14 +68,28 @@ def test_pinned_adapter_is_never_evicted(tier_server, peft_ref) -> None:
         client.load_adapter("a1", pin=True)  # the last free slot cannot be pinned too
 
 
-def test_unload_during_an_inflight_request_lets_it_finish(tier_server) -> None:
+def test_unload_during_an_inflight_request_lets_it_finish(tier_server, monkeypatch) -> None:
     client = tier_server.client
+    # Once the stream has a token, the engine's next step waits for the unload: the request is
+    # still in flight then, however fast the engine runs through its 150 tokens.
+    unloaded = threading.Event()
+    real_execute = tier_server.engine.runner.execute
+
+    def execute(batch):
+        if any(item.seq.output_ids for item in batch):
+            unloaded.wait(120)
+        return real_execute(batch)
+
+    monkeypatch.setattr(tier_server.engine.runner, "execute", execute)
     stream = client.generate_stream(PROMPTS[2], "a3", max_new_tokens=150, ignore_eos=True)
-    first = next(stream)
-    info = client.unload_adapter("a3")
-    assert info.draining and info.in_flight_requests == 1
-    with pytest.raises(AdapterNotFound, match="being unloaded"):
-        client.generate(PROMPTS[2], "a3", max_new_tokens=4)
+    try:
+        first = next(stream)
+        info = client.unload_adapter("a3")
+        assert info.draining and info.in_flight_requests == 1
+        with pytest.raises(AdapterNotFound, match="being unloaded"):
+            client.generate(PROMPTS[2], "a3", max_new_tokens=4)
+    finally:
+        unloaded.set()
     rest = list(stream)
     tokens = len(first.token_ids) + sum(len(c.token_ids) for c in rest)
     assert tokens == 150 and rest[-1].finish_reason == "length"
