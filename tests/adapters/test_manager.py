@@ -38,7 +38,7 @@ def make_manager(store_copy):
         manager.shutdown()
 
 
-def _wait(condition, timeout: float = 30.0) -> None:
+def _wait(condition, timeout: float = 120.0) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
         assert time.monotonic() < deadline, "timed out waiting for the adapter reader"
