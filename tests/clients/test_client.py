@@ -124,10 +124,24 @@ def test_each_status_has_its_typed_error(toy, tmp_path, monkeypatch) -> None:
             while srv.engine.in_flight and time.monotonic() < deadline:  # the cancelled one leaves the engine
                 time.sleep(0.01)
             # One request in flight for this tenant is its limit: a second one is refused at once.
+            # Once the stream has a token, the engine's next step waits for that refusal: the
+            # stream is still in flight then, however fast its 200 tokens would go.
+            refused = threading.Event()
+            real_execute = srv.engine.runner.execute
+
+            def execute(batch):
+                if any(item.seq.output_ids for item in batch):
+                    refused.wait(120)
+                return real_execute(batch)
+
+            monkeypatch.setattr(srv.engine.runner, "execute", execute)
             stream = client.generate_stream("hi", "a1", max_new_tokens=200, ignore_eos=True)
-            next(stream)
-            with pytest.raises(Overloaded, match="limit"):
-                client.generate("hi", "a1", max_new_tokens=2)
+            try:
+                next(stream)
+                with pytest.raises(Overloaded, match="limit"):
+                    client.generate("hi", "a1", max_new_tokens=2)
+            finally:
+                refused.set()
             stream.close()
         with Client(srv.target, retries=0) as anonymous, pytest.raises(Unauthenticated):
             anonymous.generate("hi", "a1")
