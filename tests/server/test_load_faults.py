@@ -94,7 +94,7 @@ async def _burst(target: str, n: int, new: int) -> list[int]:
     return [r.usage.completion_tokens for r in results]
 
 
-def _settle(srv: ServerThread, timeout: float = 30) -> None:
+def _settle(srv: ServerThread, timeout: float = 120) -> None:
     """Waits for the engine to process cancellations, then checks nothing is held."""
     engine = srv.engine
     deadline = time.monotonic() + timeout
