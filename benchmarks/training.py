@@ -139,6 +139,7 @@ def scenario_training(bench: Any) -> dict[str, Any]:
             records = bench.run_engine(engine, requests, "closed", p["concurrency"], label=label)
             return summarize(records)
 
+        serve("warm-up")  # first-call costs (kernel choices, allocator growth) out of every phase
         systems["idle-as-loaded"] = serve("idle-as-loaded")
         make_base_trainable(engine.loaded.model)  # the engine is idle between phases
         systems["idle"] = serve("idle")
