@@ -12,7 +12,7 @@ import asyncio
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Unpack
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -21,6 +21,7 @@ from loraserve_client.api import loraserve_pb2 as pb2
 from loraserve_client.api import loraserve_pb2_grpc as pb2_grpc
 from loraserve_client.base import (
     ClientOptions,
+    TrainingJobOptions,
     chat_request,
     generate_request,
     sampling_kwargs,
@@ -146,35 +147,11 @@ class AsyncClient:
         adapter_id: str,
         training_data: bytes | str | Path,
         *,
-        eval_data: bytes | str | Path | None = None,
-        steps: int = 0,
-        rank: int = 0,
-        alpha: float = 0.0,
-        learning_rate: float = 0.0,
-        batch_size: int = 0,
-        max_length: int = 0,
-        target_modules: str = "",
-        seed: int | None = None,
-        eval_fraction: float | None = None,
-        overwrite: bool = False,
         timeout: float | None = None,
+        **options: Unpack[TrainingJobOptions],
     ) -> TrainingJob:
         """As Client.create_training_job (never retried). A path's file is read here, blocking."""
-        request = training_job_request(
-            adapter_id,
-            training_data,
-            eval_data=eval_data,
-            steps=steps,
-            rank=rank,
-            alpha=alpha,
-            learning_rate=learning_rate,
-            batch_size=batch_size,
-            max_length=max_length,
-            target_modules=target_modules,
-            seed=seed,
-            eval_fraction=eval_fraction,
-            overwrite=overwrite,
-        )
+        request = training_job_request(adapter_id, training_data, **options)
         return TrainingJob.from_pb(await self._unary(self._training.CreateTrainingJob, request, timeout))
 
     async def get_training_job(self, job_id: str) -> TrainingJob:

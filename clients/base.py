@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 import grpc
 
@@ -176,6 +176,23 @@ def _training_data(value: str | bytes | Path | None) -> bytes:
     return Path(value).expanduser().read_bytes()
 
 
+class TrainingJobOptions(TypedDict, total=False):
+    """The options of `create_training_job` (all keyword-only; unset, 0, "" and None take the
+    server's defaults, those of `loraserve train`)."""
+
+    eval_data: str | bytes | Path | None  # JSONL held-out set (default: eval_fraction of the data)
+    steps: int  # optimizer steps (default: 3 epochs)
+    rank: int
+    alpha: float
+    learning_rate: float
+    batch_size: int
+    max_length: int
+    target_modules: str  # comma-separated module names, or all-linear
+    seed: int | None
+    eval_fraction: float | None
+    overwrite: bool  # replace an adapter of that id in the store when the job succeeds
+
+
 def training_job_request(
     adapter_id: str,
     training_data: str | bytes | Path,
@@ -192,7 +209,7 @@ def training_job_request(
     eval_fraction: float | None = None,
     overwrite: bool = False,
 ) -> pb2.CreateTrainingJobRequest:
-    """A CreateTrainingJob request; 0, "" and None take the server's defaults (TrainingOptions)."""
+    """A CreateTrainingJob request (the keywords: TrainingJobOptions)."""
     options = pb2.TrainingOptions(
         steps=steps,
         rank=rank,
