@@ -49,19 +49,6 @@ def shared(toy: Toy, tmp_path_factory: pytest.TempPathFactory):
         yield srv
 
 
-@pytest.fixture
-def own(store_copy):
-    """A server of the test's own, on a private store copy."""
-    with ServerThread(
-        model=str(store_copy.base),
-        adapters_dir=store_copy.store,
-        max_loaded_adapters=3,
-        kv_cache_bytes=4 << 20,
-    ) as srv:
-        srv.store = store_copy.store
-        yield srv
-
-
 def wait_done(client: Client, job_id: str, timeout: float = 120.0):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -98,33 +85,33 @@ def settled(srv: ServerThread, timeout: float = 60.0) -> bool:
 
 
 # ---------------------------------------------------------------------------------- the store
-def test_overwrite_of_an_org_folder_does_not_delete_the_orgs_adapters(own) -> None:
+def test_overwrite_of_an_org_folder_does_not_delete_the_orgs_adapters(trainer) -> None:
     """`org` is the folder of `org/a2`, not an adapter: training `org` with overwrite swapped the
     whole folder out and deleted it, org/a2 with it (a key allowed `org` but not `org/*` could
     wipe adapters it may not even use)."""
-    with Client(own.target) as client:
+    with Client(trainer.target) as client:
         try:
             job = client.create_training_job("org", DATA, overwrite=True, **QUICK)
         except REFUSED:
             pass
         else:
             wait_done(client, job.job_id)
-        assert (own.store / "org" / "a2" / "adapter_model.safetensors").exists()
+        assert (trainer.store / "org" / "a2" / "adapter_model.safetensors").exists()
         assert "org/a2" in {row.adapter_id for row in client.list_adapters(include_disk=True)}
 
 
-def test_an_adapter_is_not_written_inside_another_adapters_folder(own) -> None:
+def test_an_adapter_is_not_written_inside_another_adapters_folder(trainer) -> None:
     """`a1` is an adapter; `a1/evil` made a1's folder an org folder too (a later overwrite of
     `a1` would then delete `a1/evil`, and a1's folder holds files it did not ship)."""
-    before = sorted(p.name for p in (own.store / "a1").iterdir())
-    with Client(own.target) as client:
+    before = sorted(p.name for p in (trainer.store / "a1").iterdir())
+    with Client(trainer.target) as client:
         try:
             job = client.create_training_job("a1/evil", DATA, **QUICK)
         except REFUSED:
             pass
         else:
             wait_done(client, job.job_id)
-    assert sorted(p.name for p in (own.store / "a1").iterdir()) == before
+    assert sorted(p.name for p in (trainer.store / "a1").iterdir()) == before
 
 
 # ---------------------------------------------------------------------------------- bad requests
@@ -202,7 +189,7 @@ def slow_prepare(monkeypatch):
     gate.set()
 
 
-def test_serving_goes_on_while_many_jobs_are_being_prepared(own, slow_prepare) -> None:
+def test_serving_goes_on_while_many_jobs_are_being_prepared(trainer, slow_prepare) -> None:
     """Job data was tokenized on the event loop's default executor, which also renders every
     chat request: a few concurrent CreateTrainingJob calls with big data stalled all chat
     serving (measured: 37.8 s for a 2-token chat while 8 x 2 MiB creates ran; 13 ms before)."""
@@ -212,7 +199,7 @@ def test_serving_goes_on_while_many_jobs_are_being_prepared(own, slow_prepare) -
     creates = min(32, (os.cpu_count() or 1) + 4) + 1  # more than the default executor's threads
 
     async def scenario() -> float:
-        async with AsyncClient(own.target, retries=0) as client:
+        async with AsyncClient(trainer.target, retries=0) as client:
             pending = [
                 asyncio.ensure_future(client.create_training_job(f"starve/j{i}", DATA, **LONG))
                 for i in range(creates)
@@ -230,7 +217,7 @@ def test_serving_goes_on_while_many_jobs_are_being_prepared(own, slow_prepare) -
         seconds = asyncio.run(scenario())
     finally:
         gate.set()
-        with Client(own.target) as client:
+        with Client(trainer.target) as client:
             cancel_all(client)
     assert seconds < 5.0
 
@@ -298,12 +285,12 @@ def test_a_tenant_at_its_quota_is_refused_before_its_data_is_tokenized(keyed, sl
 
 
 # ------------------------------------------------------------------------ the base model after a job
-def test_serving_of_other_adapters_is_bit_identical_after_a_job(own) -> None:
+def test_serving_of_other_adapters_is_bit_identical_after_a_job(trainer) -> None:
     """A job unpacks bitsandbytes' CPU-packed NF4 weights and they were packed again afterwards
     with re-rounded bf16 scales: after ONE job of another tenant, 9 of 40 greedy 32-token outputs
     of the base and a1/org/a2/a3 changed (one at its first token), and the drift grew with every
     job (logits max |diff| 2.4e-2 after one, 7.8e-2 after 14)."""
-    with Client(own.target, timeout=120) as client:
+    with Client(trainer.target, timeout=120) as client:
         before = greedy(client)
         assert greedy(client) == before  # serving alone is deterministic
         for i in range(2):
@@ -314,13 +301,15 @@ def test_serving_of_other_adapters_is_bit_identical_after_a_job(own) -> None:
     assert not changed, f"{len(changed)} of {len(before)} outputs changed: {changed}"
 
 
-def test_a_job_that_cannot_start_gives_serving_its_layout_back(own, monkeypatch) -> None:
+def test_a_job_that_cannot_start_gives_serving_its_layout_back(trainer, monkeypatch) -> None:
     """A job failing in its start (after the base was made trainable) left the 4-bit layers
     unpacked, so serving stayed on the slow training layout until some later job ended."""
     import loraserve.training.run as run
 
-    layers = [module for module in own.engine.loaded.model.modules() if type(module).__name__ == "Linear4bit"]
-    with Client(own.target) as client:
+    layers = [
+        module for module in trainer.engine.loaded.model.modules() if type(module).__name__ == "Linear4bit"
+    ]
+    with Client(trainer.target) as client:
         before = greedy(client)
         flags = [getattr(m, "support_avx512bf16_for_cpu", None) for m in layers]
 
@@ -338,7 +327,7 @@ def test_a_job_that_cannot_start_gives_serving_its_layout_back(own, monkeypatch)
 
 
 # ---------------------------------------------------------------------------------- what a job leaves
-def test_jobs_leave_nothing_behind(own) -> None:
+def test_jobs_leave_nothing_behind(trainer) -> None:
     """Succeeded, cancelled and failed jobs, with watchers that hang up: afterwards every KV
     block is free, no adapter is pinned, no watcher is registered, no tensor holds a gradient,
     and the jobs gauge agrees with the table."""
@@ -347,8 +336,8 @@ def test_jobs_leave_nothing_behind(own) -> None:
     from loraserve_client.api import loraserve_pb2 as pb
     from loraserve_client.api import loraserve_pb2_grpc as pb_grpc
 
-    manager = own.server.services.training
-    with Client(own.target) as client, grpc.insecure_channel(own.target) as channel:
+    manager = trainer.server.services.training
+    with Client(trainer.target) as client, grpc.insecure_channel(trainer.target) as channel:
         stub = pb_grpc.TrainingStub(channel)
         for i in range(3):
             done = client.create_training_job(f"leave/ok{i}", DATA, **QUICK)
@@ -369,7 +358,7 @@ def test_jobs_leave_nothing_behind(own) -> None:
                 assert [s.state for s in stream][-1] == pb.TRAINING_STATE_CANCELLED
         assert client.generate("hi", "leave/ok0", max_new_tokens=2).usage.completion_tokens == 2
         jobs = client.list_training_jobs()
-    assert settled(own)
+    assert settled(trainer)
     deadline = time.monotonic() + 10
     while manager._watchers and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -377,7 +366,7 @@ def test_jobs_leave_nothing_behind(own) -> None:
     gc.collect()
     assert not [t for t in gc.get_objects() if isinstance(t, torch.Tensor) and t.grad is not None]
     gauge = {
-        s: own.metrics.training_jobs.labels(s)._value.get() for s in ("succeeded", "cancelled", "running")
+        s: trainer.metrics.training_jobs.labels(s)._value.get() for s in ("succeeded", "cancelled", "running")
     }
     assert gauge == {
         "succeeded": sum(j.state == "succeeded" for j in jobs),
@@ -386,15 +375,15 @@ def test_jobs_leave_nothing_behind(own) -> None:
     }
 
 
-def test_a_job_for_an_id_created_meanwhile_does_not_overwrite_it(own) -> None:
+def test_a_job_for_an_id_created_meanwhile_does_not_overwrite_it(trainer) -> None:
     """Someone puts an adapter of the job's id into the store while it trains: the job must not
     replace it (it was created without overwrite)."""
-    with Client(own.target) as client:
+    with Client(trainer.target) as client:
         job = client.create_training_job("meanwhile", DATA, steps=400, batch_size=5)
-        shutil.copytree(own.store / "a1", own.store / "meanwhile")
+        shutil.copytree(trainer.store / "a1", trainer.store / "meanwhile")
         final = wait_done(client, job.job_id)
     assert final.state == "failed" and "appeared in the store" in final.error
-    assert (own.store / "meanwhile" / "README.md").exists()  # a1's copy, untouched
+    assert (trainer.store / "meanwhile" / "README.md").exists()  # a1's copy, untouched
 
 
 def test_drain_with_open_watchers_and_a_running_job_does_not_hang(store_copy) -> None:
@@ -425,7 +414,7 @@ def test_drain_with_open_watchers_and_a_running_job_does_not_hang(store_copy) ->
 
 
 def test_refused_creates_are_not_errors_of_the_server(shared) -> None:
-    """Every refused request above is answered with its own code, never INTERNAL."""
+    """Every refused request above is answered with its trainer code, never INTERNAL."""
     with Client(shared.target) as client:
         for adapter_id, options in [
             ("..", {}),

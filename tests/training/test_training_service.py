@@ -40,18 +40,6 @@ MEMORISE = {"steps": 80, "batch_size": 6, "learning_rate": 1e-2, "eval_fraction"
 LONG = {"steps": 100_000, "batch_size": 6}
 
 
-@pytest.fixture
-def trainer(store_copy):
-    with ServerThread(
-        model=str(store_copy.base),
-        adapters_dir=store_copy.store,
-        max_loaded_adapters=3,
-        kv_cache_bytes=4 << 20,
-    ) as srv:
-        srv.store = store_copy.store
-        yield srv
-
-
 def wait_for(client: Client, job_id: str, predicate, timeout: float = 120.0):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
