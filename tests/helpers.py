@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -149,6 +150,26 @@ class ServerThread:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def settle(srv: ServerThread, timeout: float = 120) -> None:
+    """Waits for the engine to end every request (cancellations included) and for the running
+    gauge to say so, then checks that nothing is held: KV blocks, queue places, adapter pins."""
+    engine = srv.engine
+    running = srv.metrics.registry.get_sample_value
+    deadline = time.monotonic() + timeout
+    # The gauge is set after the step that ended the last request, which may still be finishing
+    # on the engine thread when its client has its answer.
+    while (engine.in_flight or running("loraserve_requests_running")) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert engine.in_flight == 0
+    assert engine.blocks.num_free == engine.blocks.num_blocks
+    assert not engine.scheduler.running and engine.scheduler.num_waiting == 0
+    for row in engine.adapters.describe():
+        assert row.in_flight == 0, row
+    # Pins: each sequence in the running batch holds its adapter's slot.
+    assert engine.adapters.running_pins() == 0
+    assert running("loraserve_requests_running") == 0
 
 
 class PeftReference:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import threading
-import time
 
 import pytest
 
@@ -28,20 +27,6 @@ def http_server(toy) -> ServerThread:
 @pytest.fixture(scope="session")
 def base_url(http_server: ServerThread) -> str:
     return f"http://127.0.0.1:{http_server.server.http.port}"
-
-
-def settle(srv: ServerThread, timeout: float = 120) -> None:
-    """Waits for the engine to process cancellations, then checks that nothing is held."""
-    engine = srv.engine
-    deadline = time.monotonic() + timeout
-    while engine.in_flight and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert engine.in_flight == 0
-    assert engine.blocks.num_free == engine.blocks.num_blocks
-    assert not engine.scheduler.running and engine.scheduler.num_waiting == 0
-    for row in engine.adapters.describe():
-        assert row.in_flight == 0, row
-    assert engine.adapters.running_pins() == 0
 
 
 class HeldEngine:

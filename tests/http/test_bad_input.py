@@ -5,7 +5,7 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from tests.http.conftest import settle
+from tests.helpers import settle
 
 CHAT = "/v1/chat/completions"
 TEXT = "/v1/completions"

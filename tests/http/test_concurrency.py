@@ -10,8 +10,8 @@ import httpx
 import pytest
 
 from loraserve_client import AsyncClient, Client
-from tests.helpers import PROMPTS
-from tests.http.conftest import HeldEngine, settle
+from tests.helpers import PROMPTS, settle
+from tests.http.conftest import HeldEngine
 
 ADAPTERS = ["a1", "org/a2"]
 

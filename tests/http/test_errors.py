@@ -11,8 +11,8 @@ import pytest
 
 from loraserve.auth import key_entry_toml
 from loraserve_client import Client, PermissionDenied
-from tests.helpers import ServerThread, free_port
-from tests.http.conftest import HeldEngine, settle
+from tests.helpers import ServerThread, free_port, settle
+from tests.http.conftest import HeldEngine
 
 ACME = "lsk_acme-test-key-0001"
 OPS = "lsk_ops-test-key-0002"

@@ -14,8 +14,7 @@ import httpx
 import pytest
 
 from loraserve_client import Client
-from tests.helpers import PROMPTS
-from tests.http.conftest import settle
+from tests.helpers import PROMPTS, settle
 
 ADAPTERS = ["a1", "org/a2", "", "a3", "a6"]
 MAX_NEW_TOKENS = 10

@@ -11,8 +11,7 @@ import openai
 import pytest
 
 from loraserve_client import Client
-from tests.helpers import PROMPTS
-from tests.http.conftest import settle
+from tests.helpers import PROMPTS, settle
 
 ADAPTERS = ["a1", "org/a2", "a3", "", "a6"]
 MAX_TOKENS = 12

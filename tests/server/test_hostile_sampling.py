@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import shutil
-import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -19,7 +18,7 @@ import pytest
 
 from loraserve.adapters.synthetic import make_peft_adapter
 from loraserve_client import AdapterRejected, AsyncClient, InvalidRequest, ServerError
-from tests.helpers import PROMPTS, PeftReference, ServerThread, Toy
+from tests.helpers import PROMPTS, PeftReference, ServerThread, Toy, settle
 
 VICTIMS = [(PROMPTS[i % len(PROMPTS)], ["", "a1", "org/a2", "a3"][i % 4]) for i in range(8)]
 VICTIM_TOKENS = 120
@@ -73,24 +72,6 @@ def _check_victims(tokens: list[list[int]], peft_ref: PeftReference) -> None:
         assert got == peft_ref.generate(ids, adapter, VICTIM_TOKENS, ignore_eos=True), (prompt, adapter)
 
 
-def _check_nothing_held(srv: ServerThread, timeout: float = 120) -> None:
-    engine = srv.engine
-    running = srv.metrics.registry.get_sample_value
-    deadline = time.monotonic() + timeout
-    # The gauge is set after the step that ended the last request, which may still be finishing
-    # on the engine thread when its client has its answer.
-    while (engine.in_flight or running("loraserve_requests_running")) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert engine.in_flight == 0
-    assert engine.blocks.num_free == engine.blocks.num_blocks
-    assert not engine.scheduler.running and engine.scheduler.num_waiting == 0
-    for row in engine.adapters.describe():
-        assert row.in_flight == 0, row
-    # Pins: each sequence in the running batch holds its adapter's slot.
-    assert engine.adapters.running_pins() == 0
-    assert srv.metrics.registry.get_sample_value("loraserve_requests_running") == 0
-
-
 def test_tiny_temperature_decodes_greedily_and_victims_finish(hostile_server, peft_ref) -> None:
     async def attack(client: AsyncClient) -> Any:
         return await client.generate(
@@ -102,7 +83,7 @@ def test_tiny_temperature_decodes_greedily_and_victims_finish(hostile_server, pe
     ids = peft_ref.tokenizer(ATTACK_PROMPT)["input_ids"]
     assert not isinstance(outcome, Exception), outcome
     assert outcome.token_ids == peft_ref.generate(ids, "a1", 8, ignore_eos=True)  # greedy
-    _check_nothing_held(hostile_server)
+    settle(hostile_server)
 
 
 def test_tiny_repetition_penalty_is_refused_and_victims_finish(hostile_server, peft_ref) -> None:
@@ -115,7 +96,7 @@ def test_tiny_repetition_penalty_is_refused_and_victims_finish(hostile_server, p
     _check_victims(tokens, peft_ref)
     assert isinstance(outcome, InvalidRequest), outcome
     assert "repetition_penalty" in outcome.details
-    _check_nothing_held(hostile_server)
+    settle(hostile_server)
 
 
 def test_adapter_with_huge_weights_fails_alone(hostile_server, peft_ref) -> None:
@@ -131,4 +112,4 @@ def test_adapter_with_huge_weights_fails_alone(hostile_server, peft_ref) -> None
     assert isinstance(outcome, (AdapterRejected, ServerError)), outcome
     if isinstance(outcome, ServerError):
         assert outcome.request_id and "request id" in outcome.details
-    _check_nothing_held(hostile_server)
+    settle(hostile_server)

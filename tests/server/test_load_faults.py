@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import gc
 import random
-import time
 from pathlib import Path
 
 import pytest
@@ -14,7 +13,7 @@ import torch
 
 from loraserve.engine import engine as engine_module
 from loraserve_client import AdapterNotFound, AsyncClient, Client, DeadlineExceeded, ServerError
-from tests.helpers import PROMPTS, TOY_ADAPTERS, ServerThread
+from tests.helpers import PROMPTS, TOY_ADAPTERS, ServerThread, settle
 
 ADAPTERS = ["", *TOY_ADAPTERS]
 RSS_GROWTH_BOUND = 150 * 2**20  # bytes, for a second round of the same traffic
@@ -94,36 +93,22 @@ async def _burst(target: str, n: int, new: int) -> list[int]:
     return [r.usage.completion_tokens for r in results]
 
 
-def _settle(srv: ServerThread, timeout: float = 120) -> None:
-    """Waits for the engine to process cancellations, then checks nothing is held."""
-    engine = srv.engine
-    deadline = time.monotonic() + timeout
-    while engine.in_flight and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert engine.in_flight == 0
-    assert engine.blocks.num_free == engine.blocks.num_blocks
-    assert not engine.scheduler.running and engine.scheduler.num_waiting == 0
-    for row in engine.adapters.describe():
-        assert row.in_flight == 0, row
-    assert engine.adapters.running_pins() == 0
-
-
 def test_concurrent_streams_with_cancellations_deadlines_and_admin(busy_server) -> None:
     first = asyncio.run(_round(busy_server.target, 72, seed=1))
     assert set(first) <= {"completed", "cancelled", "deadline", "unloaded"}, first
     assert first.count("completed") >= 10 and "cancelled" in first and "deadline" in first
-    _settle(busy_server)
+    settle(busy_server)
     gc.collect()
     before = rss()
     second = asyncio.run(_round(busy_server.target, 72, seed=2))
     assert set(second) <= {"completed", "cancelled", "deadline", "unloaded"}
-    _settle(busy_server)
+    settle(busy_server)
     gc.collect()
     assert rss() - before < RSS_GROWTH_BOUND
     # The random rounds preempt only when their timing lines up; this burst always does:
     # 24 streams of 40+ tokens need at least 72 blocks of 16 tokens, and the pool has 24.
     assert asyncio.run(_burst(busy_server.target, 24, new=40)) == [40] * 24
-    _settle(busy_server)
+    settle(busy_server)
     assert busy_server.engine.scheduler.preemptions > 0
     with Client(busy_server.target) as client:
         assert client.health() == "SERVING"
@@ -152,7 +137,7 @@ def test_exception_in_one_request_fails_only_that_request(server, monkeypatch) -
     assert isinstance(results[0], ServerError) and "request id" in results[0].details
     assert results[0].request_id
     assert all(r.usage.completion_tokens == 6 for r in results[1:])
-    _settle(server)
+    settle(server)
 
 
 def test_failed_forward_pass_fails_its_batch_and_out_of_memory_retries(server, monkeypatch) -> None:
@@ -176,4 +161,4 @@ def test_failed_forward_pass_fails_its_batch_and_out_of_memory_retries(server, m
             client.generate("hello", "a1", max_new_tokens=4).usage.completion_tokens == 4
         )  # after an OOM retry
         assert client.health() == "SERVING"
-    _settle(server)
+    settle(server)
