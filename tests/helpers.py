@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import subprocess
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -74,6 +76,19 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def serve_toy(toy: Toy, port: int, *flags: str, env: dict[str, str] | None = None) -> subprocess.Popen:
+    """`loraserve serve` on the toy model and store in a child process, on `port`, with more
+    `flags`; its stdout and stderr are piped as text."""
+    command = ["serve", "--model", str(toy.base), "--adapters-dir", str(toy.store), "--port", str(port)]
+    return subprocess.Popen(
+        [sys.executable, "-m", "loraserve.cli", *command, *flags],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
 
 
 class ServerThread:

@@ -21,7 +21,7 @@ from loraserve import app as app_module
 from loraserve import model_loader
 from loraserve.config import ServerConfig
 from loraserve_client import Client, Unavailable
-from tests.helpers import free_port
+from tests.helpers import free_port, serve_toy
 
 
 def test_health_is_not_serving_until_the_model_is_loaded(toy, monkeypatch) -> None:
@@ -160,32 +160,13 @@ def _accepted(metrics_port: int) -> float:
 
 def test_sigterm_drains_in_flight_streams_then_exits_zero(toy) -> None:
     port, metrics_port = free_port(), free_port()
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "loraserve.cli",
-            "serve",
-            "--model",
-            str(toy.base),
-            "--adapters-dir",
-            str(toy.store),
-            "--port",
-            str(port),
-            "--metrics-port",
-            str(metrics_port),
-            "--max-num-seqs",
-            "1",
-            "--kv-cache-bytes",
-            str(4 << 20),
-            "--drain-seconds",
-            # Generous: the three streams run one at a time, and a loaded 2-core machine was seen
-            # taking over a minute for them; an idle one takes a few seconds.
-            "300",
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
+    process = serve_toy(
+        toy,
+        port,
+        *("--metrics-port", str(metrics_port), "--max-num-seqs", "1", "--kv-cache-bytes", str(4 << 20)),
+        # Generous: the three streams run one at a time, and a loaded 2-core machine was seen
+        # taking over a minute for them; an idle one takes a few seconds.
+        *("--drain-seconds", "300"),
     )
     target = f"127.0.0.1:{port}"
     try:

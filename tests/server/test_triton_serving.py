@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from loraserve_client import Client
-from tests.helpers import PROMPTS, TOY_ADAPTERS, free_port
+from tests.helpers import PROMPTS, TOY_ADAPTERS, free_port, serve_toy
 from tests.server.test_lifecycle import _wait_serving
 
 MAX_NEW = 5
@@ -26,30 +26,11 @@ def test_triton_backend_serves_peft_exact_tokens(toy, peft_ref) -> None:
     pytest.importorskip("triton")
     port = free_port()
     env = {**os.environ, "TRITON_INTERPRET": "1", "LORASERVE_LORA_BACKEND": "triton"}
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "loraserve.cli",
-            "serve",
-            "--model",
-            str(toy.base),
-            "--adapters-dir",
-            str(toy.store),
-            "--port",
-            str(port),
-            "--metrics-port",
-            "0",
-            "--device",
-            "cpu",
-            "--max-loaded-adapters",
-            str(len(TOY_ADAPTERS)),
-            "--kv-cache-bytes",
-            str(4 << 20),
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
+    process = serve_toy(
+        toy,
+        port,
+        *("--metrics-port", "0", "--device", "cpu", "--max-loaded-adapters", str(len(TOY_ADAPTERS))),
+        *("--kv-cache-bytes", str(4 << 20)),
         env=env,
     )
     target = f"127.0.0.1:{port}"
