@@ -182,6 +182,18 @@ def _without_permission_override() -> None:
             raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP)")
 
 
+def run_as_another_user(code: str, path: Path, timeout: float) -> subprocess.CompletedProcess:
+    """Runs `python -c code path` with file modes enforced even as root (the user running the
+    tests may be root, whom modes never stop)."""
+    return subprocess.run(
+        [sys.executable, "-c", code, str(path)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        preexec_fn=_without_permission_override if os.geteuid() == 0 else None,
+    )
+
+
 def test_an_unreadable_model_is_reported_as_permission_denied(toy, tmp_path: Path) -> None:
     model = tmp_path / "base"
     shutil.copytree(toy.base, model)
@@ -200,13 +212,7 @@ def test_an_unreadable_model_is_reported_as_permission_denied(toy, tmp_path: Pat
         "except ConfigError as error:\n"
         "    print(error)\n"
     )
-    run = subprocess.run(
-        [sys.executable, "-c", code, str(model)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        preexec_fn=_without_permission_override if os.geteuid() == 0 else None,
-    )
+    run = run_as_another_user(code, model, timeout=300)
     assert "permission denied reading" in run.stdout and "model.safetensors" in run.stdout, (
         run.stdout + run.stderr[-2000:]
     )
@@ -234,13 +240,7 @@ def test_an_unreadable_adapter_is_reported_as_permission_denied(toy, tmp_path: P
         "except ServeError as error:\n"
         "    print(error.code, error.message)\n"
     )
-    run = subprocess.run(
-        [sys.executable, "-c", code, str(store)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        preexec_fn=_without_permission_override if os.geteuid() == 0 else None,
-    )
+    run = run_as_another_user(code, store, timeout=120)
     path.chmod(0o755)  # lets pytest remove the folder afterwards
     assert run.stdout.startswith("FAILED_PRECONDITION") and "permission denied" in run.stdout, (
         run.stdout + run.stderr[-2000:]
