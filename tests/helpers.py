@@ -8,6 +8,8 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -185,6 +187,32 @@ def settle(srv: ServerThread, timeout: float = 120) -> None:
     # Pins: each sequence in the running batch holds its adapter's slot.
     assert engine.adapters.running_pins() == 0
     assert running("loraserve_requests_running") == 0
+
+
+@contextmanager
+def slow_server(**config: Any) -> Iterator[ServerThread]:
+    """A test server given the time the real model takes to load on a busy machine (15 min)."""
+    server = ServerThread(**config).start(timeout=900)
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def gate_model_load(monkeypatch: Any) -> threading.Event:
+    """Makes the next server's model load wait until the returned event is set (tests set it in
+    a finally), so that they can look at a server that is still starting."""
+    from loraserve import model_loader
+
+    gate = threading.Event()
+    real_load = model_loader.load_base_model
+
+    def slow_load(*args: Any, **kwargs: Any) -> Any:
+        gate.wait(300)
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(model_loader, "load_base_model", slow_load)
+    return gate
 
 
 class PeftReference:

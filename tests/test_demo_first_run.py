@@ -10,7 +10,6 @@ user cache, as a second start of the server would find it.
 from __future__ import annotations
 
 import time
-from contextlib import contextmanager
 
 import pytest
 
@@ -21,19 +20,9 @@ from loraserve.demo.tenants import TENANT_IDS, tenants_build
 from loraserve.gguf import convert, packaged_model
 from loraserve_client import Client
 from loraserve_client.errors import Unavailable
-from tests.helpers import ServerThread
+from tests.helpers import slow_server
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(2400)]
-
-
-@contextmanager
-def serving(**config):
-    """A test server given the time the real model takes to load on a busy machine."""
-    server = ServerThread(**config).start(timeout=900)
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture
@@ -65,7 +54,7 @@ def test_first_run_serves_at_once_and_hot_loads_each_adapter_when_trained(
 
     monkeypatch.setattr(DemoTraining, "start", gated_start)
     build = tenants_build(fresh_cache)
-    with serving(model=None) as server:
+    with slow_server(model=None) as server:
         training = server.server.demo_training
         assert training is not None and training.missing == list(TENANT_IDS)
         with Client(server.target, retries=0) as client:
@@ -96,5 +85,5 @@ def test_first_run_serves_at_once_and_hot_loads_each_adapter_when_trained(
         assert status is not None and all(p.state == READY for p in status.adapters.values())
         assert set(build.report()["adapters"]) == set(TENANT_IDS) and build.missing() == []
     # A later start finds everything built and trains nothing.
-    with serving(model=None) as server:
+    with slow_server(model=None) as server:
         assert server.server.demo_training is None

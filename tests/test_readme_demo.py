@@ -11,7 +11,6 @@ import re
 import shlex
 import subprocess
 import sys
-from contextlib import contextmanager
 from pathlib import Path
 
 import grpc
@@ -22,21 +21,11 @@ from loraserve.demo.tenants import TENANT_IDS, tenants_build
 from loraserve_client import Client
 from loraserve_client.api import loraserve_pb2 as pb2
 from loraserve_client.api import loraserve_pb2_grpc as pb2_grpc
-from tests.helpers import ServerThread
+from tests.helpers import slow_server
 
 ROOT = Path(__file__).resolve().parent.parent
 # The first test's fixture trains the demo adapters when this machine has not yet.
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(5400)]
-
-
-@contextmanager
-def serving(**config):
-    """A test server given the time the real model takes to load on a busy machine."""
-    server = ServerThread(**config).start(timeout=900)
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +48,7 @@ def tenants():
 @pytest.fixture(scope="module")
 def demo_server(tenants):
     # No model configured: what `make serve` serves.
-    with serving(model=None, kv_cache_bytes=64 << 20) as server:
+    with slow_server(model=None, kv_cache_bytes=64 << 20) as server:
         yield server
 
 

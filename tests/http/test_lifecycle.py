@@ -16,11 +16,10 @@ import httpx
 import pytest
 
 from loraserve import app as app_module
-from loraserve import model_loader
 from loraserve.config import ConfigError, ServerConfig, load_config
 from loraserve.guard import DRAINING
 from loraserve_client import Client
-from tests.helpers import ServerThread, free_port
+from tests.helpers import ServerThread, free_port, gate_model_load
 from tests.http.conftest import HeldEngine
 from tests.server.certs import make_pki
 
@@ -35,14 +34,7 @@ def wait_for(predicate, timeout: float = 120) -> None:
 
 
 def test_503_and_not_serving_until_the_model_is_loaded(toy, monkeypatch) -> None:
-    gate = threading.Event()
-    real_load = model_loader.load_base_model
-
-    def slow_load(*args, **kwargs):
-        gate.wait(300)  # set by the test (or its finally): the load must wait for the checks below
-        return real_load(*args, **kwargs)
-
-    monkeypatch.setattr(model_loader, "load_base_model", slow_load)
+    gate = gate_model_load(monkeypatch)  # set in the finally: the load waits for the checks below
     port = free_port()
     config = ServerConfig(
         model=str(toy.base), port=0, metrics_port=0, device="cpu", kv_cache_bytes=2 << 20, http_port=port

@@ -21,18 +21,11 @@ from loraserve import app as app_module
 from loraserve import model_loader
 from loraserve.config import ServerConfig
 from loraserve_client import Client, Unavailable
-from tests.helpers import free_port, serve_toy
+from tests.helpers import free_port, gate_model_load, serve_toy
 
 
 def test_health_is_not_serving_until_the_model_is_loaded(toy, monkeypatch) -> None:
-    gate = threading.Event()
-    real_load = model_loader.load_base_model
-
-    def slow_load(*args, **kwargs):
-        gate.wait(300)  # set by the test (or its finally): the load must wait for the checks below
-        return real_load(*args, **kwargs)
-
-    monkeypatch.setattr(model_loader, "load_base_model", slow_load)
+    gate = gate_model_load(monkeypatch)  # set in the finally: the load waits for the checks below
     config = ServerConfig(model=str(toy.base), port=0, metrics_port=0, device="cpu", kv_cache_bytes=2 << 20)
     loop = asyncio.new_event_loop()
     server = app_module.LoraServer(config)
