@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from concurrent import futures
 
 import grpc
 import pytest
@@ -191,21 +190,12 @@ class Scripted(pb2_grpc.InferenceServicer):
 
 
 @pytest.fixture
-def scripted():
-    servers = []
-
+def scripted(grpc_server):
     def start(fail_first: int, code: grpc.StatusCode = grpc.StatusCode.UNAVAILABLE) -> tuple[str, Scripted]:
         servicer = Scripted(fail_first, code)
-        server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
-        pb2_grpc.add_InferenceServicer_to_server(servicer, server)
-        port = server.add_insecure_port("127.0.0.1:0")
-        server.start()
-        servers.append(server)
-        return f"127.0.0.1:{port}", servicer
+        return grpc_server(pb2_grpc.add_InferenceServicer_to_server, servicer), servicer
 
-    yield start
-    for server in servers:
-        server.stop(None)
+    return start
 
 
 def test_unavailable_is_retried_by_grpc_up_to_retries(scripted) -> None:

@@ -11,7 +11,6 @@ import shutil
 import threading
 import time
 from collections import Counter
-from concurrent import futures
 from pathlib import Path
 
 import grpc
@@ -287,21 +286,12 @@ FAILED = _job(
 
 
 @pytest.fixture
-def scripted():
-    servers = []
-
+def scripted(grpc_server):
     def start(watch: list[pb2.TrainingJob], fail: dict[str, int] | None = None):
         servicer = ScriptedTraining(watch, fail)
-        server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
-        pb2_grpc.add_TrainingServicer_to_server(servicer, server)
-        port = server.add_insecure_port("127.0.0.1:0")
-        server.start()
-        servers.append(server)
-        return f"127.0.0.1:{port}", servicer
+        return grpc_server(pb2_grpc.add_TrainingServicer_to_server, servicer), servicer
 
-    yield start
-    for server in servers:
-        server.stop(None)
+    return start
 
 
 @pytest.fixture(scope="module")
