@@ -43,9 +43,9 @@ from loraserve.adapters.training import (
 )
 from loraserve.engine.runner import decoder_parts
 from loraserve.forward_context import ForwardContext, forward_context
-from loraserve.training.spec import TrainingSpec
+from loraserve.training.spec import DEFAULTS, TrainingSpec
 
-EVAL_MAX_NEW_TOKENS = 48
+EVAL_MAX_NEW_TOKENS = DEFAULTS.eval_max_new_tokens  # `loraserve train`'s
 log = logging.getLogger(__name__)
 
 
@@ -147,7 +147,6 @@ class Progress:
     step: int
     loss: float  # mean loss of the last optimizer steps
     tokens: int  # tokens trained so far
-    evaluating: bool = False
     eval_exact_match: float | None = None
 
 
@@ -257,7 +256,6 @@ class TrainingRun:
             self.step,
             sum(self.losses[-10:]) / len(self.losses[-10:]) if self.losses else 0.0,
             self.tokens,
-            evaluating=self.training_done and not self.done,
             eval_exact_match=self.eval_exact_match,
         )
 

@@ -35,7 +35,6 @@ class Event:
     kind: str  # started | progress | written | failed | cancelled
     progress: Progress | None = None
     error: str = ""
-    adapter_dir: Path | None = None
     seconds: float = 0.0
     step_seconds: float = 0.0  # time of the optimizer step this progress completes (0: none)
     tokens: int = 0  # tokens trained by this slice
@@ -44,11 +43,9 @@ class Event:
 @dataclass
 class _Running:
     job_id: str
-    spec: TrainingSpec
     run: TrainingRun
     started: float = field(default_factory=time.monotonic)
     step_started: float = field(default_factory=time.perf_counter)
-    step_seconds: float = 0.0
 
 
 class TrainingWorker:
@@ -121,8 +118,8 @@ class TrainingWorker:
                     self._end(Event("cancelled"))
                     return
                 seconds = time.monotonic() - current.started
-                adapter_dir = current.run.write(self.store, self.base_model, seconds)
-                self._end(Event("written", progress=progress, adapter_dir=adapter_dir, seconds=seconds))
+                current.run.write(self.store, self.base_model, seconds)
+                self._end(Event("written", progress=progress, seconds=seconds))
                 return
         except TrainingFailed as error:
             self._end(Event("failed", error=str(error)))
@@ -173,7 +170,7 @@ class TrainingWorker:
             )
             self._idle_check()
             return
-        self._current = _Running(job_id, spec, run)
+        self._current = _Running(job_id, run)
         self.report(job_id, Event("started"))
 
     def _end(self, event: Event) -> None:
