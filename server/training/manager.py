@@ -302,21 +302,20 @@ class TrainingManager:
         """Serves the written adapter (a reload if it replaced one), then the job is done. The
         adapter is in the store whatever happens here: if no device slot can take it now (all
         pinned or busy), the job still succeeds and the first request loads it."""
+        served = "served"
         try:
             await self.admin.load(record.adapter_id)
         except Exception as error:  # noqa: BLE001 - logged; the store has the adapter
             log.warning(
-                "training job %s: adapter %s is written but not loaded now (%s): the first request "
-                "for it loads it",
-                record.job_id,
-                record.adapter_id,
-                error,
+                "training job %s: adapter %s not loaded now: %s", record.job_id, record.adapter_id, error
             )
+            served = "loaded by its first request"
         log.info(
-            "training job %s succeeded: adapter %s written in %.1f s (held-out exact match %s)",
+            "training job %s succeeded: adapter %s written in %.1f s and %s (held-out exact match %s)",
             record.job_id,
             record.adapter_id,
             event.seconds,
+            served,
             "n/a" if record.eval_exact_match is None else f"{record.eval_exact_match:.0%}",
         )
         self._finish(record, JobState.SUCCEEDED, "")
